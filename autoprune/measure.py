@@ -1,0 +1,246 @@
+"""Measurements of a (pruned) model: accuracy, parameter counts, MACs and latency.
+
+Depends on torch only.
+
+Latency on a shared machine
+---------------------------
+Wall-clock latency is only comparable when measured under the same conditions.  When several
+trials run in parallel on one machine they disturb each other (shared cores, caches, memory
+bandwidth), so a raw median measured inside a trial says as much about the neighbours as about
+the model.  :func:`time_interleaved` times several models round-robin in the same window, so they
+all see the same interference; the *ratio* of their medians is much more stable than either raw
+median.  :func:`honest_latency_ms` uses that: a trial times its pruned model interleaved with the
+dense reference model and reports::
+
+    latency_ms = dense_alone_ms * (pruned_median / dense_median_same_window)
+
+where ``dense_alone_ms`` was measured once, with the machine otherwise idle.
+
+All timing is single-threaded by default (``threads=1``): on a small shared machine, letting
+torch use several threads made medians swing by an order of magnitude.  Every function that
+changes ``torch.get_num_threads()`` restores it, and every function that switches a model to
+eval mode restores its training flag.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils import benchmark
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = [
+    "LatencySample",
+    "count_macs",
+    "count_parameters",
+    "evaluate_accuracy",
+    "honest_latency_ms",
+    "time_interleaved",
+    "time_model",
+]
+
+
+@dataclass(frozen=True)
+class LatencySample:
+    """Summary of repeated latency measurements of one model.
+
+    ``median_ms`` and ``iqr_ms`` are over the timed blocks (each block is the mean time of one
+    forward call over a block of back-to-back calls, as ``torch.utils.benchmark`` measures);
+    ``runs`` is the number of those blocks.
+    """
+
+    median_ms: float
+    iqr_ms: float
+    runs: int
+
+
+@contextmanager
+def _eval_modes(models: Iterable[nn.Module]) -> Iterator[None]:
+    """Put the models (all submodules) in eval mode; restore every module's flag afterwards."""
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    for m, _ in flags:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, flag in reversed(flags):
+            m.training = flag
+
+
+def _eval_mode(model: nn.Module) -> AbstractContextManager[None]:
+    return _eval_modes([model])
+
+
+@contextmanager
+def _num_threads(threads: int) -> Iterator[None]:
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def evaluate_accuracy(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> float:
+    """Top-1 accuracy (fraction in [0, 1]) of a classifier over ``loader``.
+
+    The prediction is ``argmax`` over dim 1 of the model's output; labels are class indices.
+    The model runs in eval mode under ``torch.no_grad()``; its training flags are restored.
+    Inputs are moved to the device of the model's first parameter.  Raises ``ValueError`` if the
+    loader yields no samples.
+    """
+    device = _model_device(model)
+    correct = 0
+    total = 0
+    with _eval_mode(model), torch.no_grad():
+        for inputs, targets in loader:
+            inputs = inputs.to(device)
+            targets = targets.to(device)
+            predictions = model(inputs).argmax(dim=1)
+            correct += int((predictions == targets).sum().item())
+            total += int(targets.numel())
+    if total == 0:
+        raise ValueError("evaluate_accuracy: the loader yielded no samples")
+    return correct / total
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """Return ``(total, non_zero)`` counts over the model's parameters (buffers excluded).
+
+    Shared (tied) parameters are counted once.  ``non_zero`` counts elements that are not equal
+    to zero, so it reflects unstructured (masked) sparsity while ``total`` does not.
+    """
+    total = 0
+    non_zero = 0
+    for p in model.parameters():
+        total += p.numel()
+        non_zero += int(torch.count_nonzero(p.detach()).item())
+    return total, non_zero
+
+
+def count_macs(model: nn.Module, example_inputs: Tensor) -> int:
+    """Multiply-accumulate operations of one forward pass on ``example_inputs``.
+
+    Counted with ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs // 2), for the whole
+    batch given: autoprune passes a single sample (batch size 1), so the result is MACs per
+    sample.  The count depends on tensor shapes only: zeros in unstructured-pruned (masked)
+    weights are still counted, which is the true cost for dense kernels; only structured pruning
+    (smaller shapes) lowers it.  Operators FlopCounterMode does not know (e.g. elementwise ops,
+    pooling, normalisation) count as zero.  Runs in eval mode under ``no_grad``, so BatchNorm
+    running statistics are not touched; the training flags are restored.
+    """
+    counter = FlopCounterMode(display=False)
+    with _eval_mode(model), torch.no_grad(), counter:
+        model(example_inputs)
+    return int(counter.get_total_flops()) // 2
+
+
+def _timer(model: nn.Module, inputs: Tensor, threads: int) -> benchmark.Timer:
+    return benchmark.Timer(
+        stmt="model(inputs)",
+        globals={"model": model, "inputs": inputs},
+        num_threads=threads,
+    )
+
+
+def _sample(times_s: list[float]) -> LatencySample:
+    ms = sorted(t * 1e3 for t in times_s)
+    if len(ms) >= 2:
+        q = statistics.quantiles(ms, n=4, method="inclusive")
+        iqr = q[2] - q[0]
+    else:
+        iqr = 0.0
+    return LatencySample(median_ms=statistics.median(ms), iqr_ms=iqr, runs=len(ms))
+
+
+def time_model(
+    model: nn.Module, inputs: Tensor, *, threads: int = 1, min_run_time: float = 0.2
+) -> LatencySample:
+    """Latency of ``model(inputs)`` with ``torch.utils.benchmark.Timer.blocked_autorange``.
+
+    Eval mode, ``torch.inference_mode()``, ``threads`` intra-op threads (restored afterwards).
+    Runs one untimed warm-up call first.
+    """
+    with _num_threads(threads), _eval_mode(model), torch.inference_mode():
+        model(inputs)  # warm-up (allocator, lazy init)
+        measurement = _timer(model, inputs, threads).blocked_autorange(min_run_time=min_run_time)
+    return _sample(list(measurement.times))
+
+
+def time_interleaved(
+    models: Mapping[str, nn.Module],
+    inputs: Tensor,
+    *,
+    threads: int = 1,
+    rounds: int = 5,
+    min_run_time: float = 0.05,
+) -> dict[str, LatencySample]:
+    """Time several models round-robin so that they all see the same interference.
+
+    Each of ``rounds`` rounds times every model briefly (``blocked_autorange`` with
+    ``min_run_time``); the order is reversed every other round so no model is always first.
+    Returns, per model, the median (and IQR) over all its timed blocks from all rounds.
+    Ratios between the returned medians are what is meaningful on a busy machine; see
+    :func:`honest_latency_ms`.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if not models:
+        return {}
+    names = list(models)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with _num_threads(threads), torch.inference_mode(), _eval_modes(models.values()):
+        timers = {name: _timer(models[name], inputs, threads) for name in names}
+        for name in names:
+            models[name](inputs)  # warm-up
+        for r in range(rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            for name in order:
+                measurement = timers[name].blocked_autorange(min_run_time=min_run_time)
+                times[name].extend(measurement.times)
+    return {name: _sample(times[name]) for name in names}
+
+
+def honest_latency_ms(
+    pruned: nn.Module,
+    dense: nn.Module,
+    inputs: Tensor,
+    *,
+    dense_alone_ms: float,
+    threads: int = 1,
+    rounds: int = 5,
+    min_run_time: float = 0.05,
+) -> tuple[float, float, float]:
+    """Latency estimate of ``pruned`` that is robust to other work running on the machine.
+
+    Times ``pruned`` and ``dense`` interleaved (:func:`time_interleaved`) and scales the
+    reference ``dense_alone_ms`` (the dense model's median measured on an idle machine, with the
+    same inputs and threads) by their ratio.  Returns ``(estimated_ms, raw_pruned_ms, ratio)``
+    where ``raw_pruned_ms`` is the pruned model's median in this (possibly busy) window and
+    ``ratio = pruned_median / dense_median``.
+    """
+    samples = time_interleaved(
+        {"pruned": pruned, "dense": dense},
+        inputs,
+        threads=threads,
+        rounds=rounds,
+        min_run_time=min_run_time,
+    )
+    raw_pruned = samples["pruned"].median_ms
+    ratio = raw_pruned / samples["dense"].median_ms
+    return dense_alone_ms * ratio, raw_pruned, ratio
