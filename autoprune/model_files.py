@@ -26,8 +26,11 @@ Each ``entry`` is one of:
   row-major (C) order, packed 8 per byte with the first element in the most significant bit
   (like ``numpy.packbits(bitorder="big")``), padding bits 0; a bit is 1 when the element is not
   all-zero bits.  ``values`` holds the elements whose bit is 1, in the same order and dtype.
-  Zeros therefore cost one bit each and nothing else.  "Zero" means all bits zero, so ``-0.0``
-  (and NaN) are kept as values and the round trip is bit-exact;
+  Zeros therefore cost one bit each and nothing else.  "Zero" means ``== 0``: NaN is kept as a
+  value, and ``-0.0`` is stored as a zero and comes back as ``+0.0`` (equal under ``==`` and
+  ``torch.equal``; only the sign bit of a zero is lost).  This matters: ``torch.nn.utils.prune``
+  multiplies by its mask, so about half of the pruned weights are ``-0.0``.  All other values
+  round-trip bit-exactly;
 * ``{"alias": other_name}`` -- the tensor is the very same tensor as an earlier entry (tied
   weights), stored once.
 
@@ -36,7 +39,7 @@ A tensor is stored sparsely only when that is smaller: when
 ``SPARSE_OVERHEAD_BYTES`` covers the extra storage record ``torch.save`` writes.  So a dense
 (or structured-pruned) tensor costs what it would in a plain ``torch.save`` of the state dict,
 and a 90 %-zero float32 tensor costs about 1/8 + 1/10 of its dense size.  Sparse tensors,
-quantized tensors and dtypes wider than 8 bytes are always stored densely.
+quantized tensors and dtypes that cannot be compared with 0 are always stored densely.
 
 Skeletons
 ---------
@@ -94,7 +97,6 @@ SKELETON_FILE = "skeleton.pt"
 # record in the zip archive, alignment, the small dict); measured about 380 with torch 2.13.
 SPARSE_OVERHEAD_BYTES = 512
 
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # MSB first
 
 
@@ -130,12 +132,11 @@ def _dense_copy(t: Tensor) -> Tensor:
 
 def _encode(t: Tensor) -> Tensor | dict[str, object]:
     dense = _dense_copy(t)
-    int_dtype = _INT_VIEW.get(dense.element_size())
-    if dense.layout != torch.strided or dense.is_quantized or int_dtype is None or dense.numel() == 0:
+    if dense.layout != torch.strided or dense.is_quantized or dense.numel() == 0:
         return dense
     try:
-        nonzero = dense.view(int_dtype).reshape(-1) != 0
-    except RuntimeError:  # dtype that cannot be viewed as an integer of the same size
+        nonzero = dense.reshape(-1) != 0
+    except (RuntimeError, TypeError):  # a dtype without comparison (e.g. some float8 builds)
         return dense
     n = dense.numel()
     itemsize = dense.element_size()
@@ -197,7 +198,8 @@ def _atomic_torch_save(obj: object, path: Path) -> int:
 def save_weights(state_dict: Mapping[str, Tensor], path: str | os.PathLike[str]) -> int:
     """Write ``state_dict`` in the sparse-aware format (module docstring); return bytes written.
 
-    Tensors are written from CPU copies; dtypes, shapes and values (bit-exact) are preserved.
+    Tensors are written from CPU copies; dtypes, shapes and values are preserved (bit-exact except
+    that ``-0.0`` becomes ``+0.0`` in sparse entries).
     The file is written to a temporary name and renamed, so a crash never leaves half a file.
     """
     tensors: dict[str, object] = {}
