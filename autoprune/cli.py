@@ -1,0 +1,144 @@
+"""The ``autoprune`` command line.
+
+Each command turns an :class:`~autoprune.errors.AutopruneError` into one line on
+stderr and exit code 2; everything else it prints goes to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import AutopruneError
+
+app = typer.Typer(
+    name="autoprune",
+    help="Automated multi-objective pruning search for PyTorch (Optuna + Ray + MLflow).\n\n"
+    "Start with: autoprune run search_spaces/digits_cnn.yaml",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="The search's YAML config (see search_spaces/).",
+                                           show_default=False)]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", "-s", help="Override a config value: --set study.n_trials=50 (repeatable; value read as YAML).")]
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    try:
+        yield
+    except AutopruneError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted: finished trials are kept; continue with 'autoprune resume CONFIG'")
+        raise typer.Exit(130) from None
+
+
+def _load(config: Path, overrides: list[str] | None):  # noqa: ANN202 - SearchConfig, imported lazily
+    from .config import load_config
+
+    return load_config(config, overrides or [])
+
+
+def _search(config_path: Path, overrides: list[str] | None, resume: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .search import run_search
+
+    config = _load(config_path, overrides)
+    out.print(f"study [bold]{config.study.name}[/]: {config.study.n_trials} trials, work dir {config.work_path}")
+    with Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[status]}"), console=out, transient=False) as bar:
+        task = bar.add_task("trials", total=config.study.n_trials, status="preparing (dense model, Ray)")
+
+        def on_progress(p) -> None:  # noqa: ANN001
+            status = f"failed {p.failed} | running {p.running} | front {p.front_size}"
+            bar.update(task, completed=p.done, status=status)
+            if p.message:
+                bar.console.print(f"  {p.message}", highlight=False)
+
+        summary = run_search(config, resume=resume, on_progress=on_progress)
+    if summary.recovered:
+        out.print(f"re-enqueued trials left running by a stopped driver: {summary.recovered}")
+    out.print(f"done: {summary.completed} complete, {summary.failed} failed; MLflow parent run "
+              f"{summary.parent_run_id} in {config.tracking_uri}")
+    _print_front(summary.front, summary.dense.accuracy)
+
+
+def _print_front(rows: list[dict], dense_accuracy: float | None = None) -> None:
+    title = "Pareto front" + (f" (dense accuracy {dense_accuracy:.4f})" if dense_accuracy is not None else "")
+    table = Table(title=title)
+    for column in ("trial", "accuracy", "acc. drop", "size (bytes)", "latency (ms)", "params", "MACs"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(str(row["trial"]), f"{row['accuracy']:.4f}", f"{row['accuracy_drop']:+.4f}",
+                      f"{row['size_bytes']:,}", f"{row['latency_ms']:.4f}", f"{row['params']:,}",
+                      f"{row['macs']:,}")
+    out.print(table)
+
+
+@app.command()
+def run(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Start a new search from CONFIG and print its Pareto front."""
+    with _user_errors():
+        _search(config, set_, resume=False)
+
+
+@app.command()
+def resume(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Continue a stopped or crashed search up to its trial count (same sampler, seed and study)."""
+    with _user_errors():
+        _search(config, set_, resume=True)
+
+
+@app.command()
+def front(config: ConfigArg, set_: SetOpt = None,
+          as_json: Annotated[bool, typer.Option("--json", help="Print the front as JSON.")] = False) -> None:
+    """Print the Pareto front of the study: accuracy, drop, size, latency, params, MACs."""
+    with _user_errors():
+        from . import pareto
+        from .study import DENSE_ATTR, load_study, make_sampler, open_storage
+
+        cfg = _load(config, set_)
+        study = load_study(open_storage(cfg.storage_url), cfg.study.name,
+                           make_sampler(cfg.study.sampler, cfg.study.seed))
+        rows = pareto.front_rows(pareto.complete_trials(study))
+        if as_json:
+            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+            return
+        dense = study.user_attrs.get(DENSE_ATTR) or {}
+        _print_front(rows, dense.get("accuracy"))
+
+
+@app.command()
+def export(config: ConfigArg,
+           trial: Annotated[int, typer.Option("--trial", "-t", help="Trial number (see 'autoprune front').")],
+           out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .pt2 file.")],
+           set_: SetOpt = None) -> None:
+    """Write a trial's pruned model as a torch.export file that loads without autoprune or the model class."""
+    with _user_errors():
+        from .export import export_trial
+
+        cfg = _load(config, set_)
+        report = export_trial(cfg, trial, out_path)
+        out.print(f"wrote {report.path} ({report.bytes:,} bytes); outputs match the trial's model "
+                  f"(max abs diff {report.max_abs_diff:.2e} on {report.samples} samples). "
+                  f"Load with: torch.export.load({str(report.path)!r}).module()")
+
+
+def main() -> None:
+    app()

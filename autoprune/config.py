@@ -1,0 +1,259 @@
+"""The search config: a YAML file validated once, at the edge, by pydantic.
+
+Every user-input check lives here. Unknown keys are rejected, and every error
+names the file and the dotted field, what was expected and what was given.
+Relative paths in a config (work_dir, checkpoint, factory modules) are resolved
+against the directory of the config file, so a config and the module beside it
+travel together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+SAMPLERS = ("tpe", "nsga2", "nsga3", "random", "qmc", "gp")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StudyConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    storage: str | None = None
+    """Optuna RDB URL; default: ``sqlite:///<work_dir>/optuna.db``."""
+    n_trials: int = Field(20, ge=1)
+    sampler: Literal[SAMPLERS] = "tpe"  # type: ignore[valid-type]
+    seed: int = 0
+    baselines: list[float] = Field(default_factory=list)
+    """Uniform sparsities enqueued first, with the first configured method, as trivial baselines."""
+
+
+class PretrainConfig(_Strict):
+    epochs: int = Field(5, ge=1)
+    optimizer: Literal[OPTIMIZERS] = "adam"  # type: ignore[valid-type]
+    lr: float = Field(1e-3, gt=0)
+
+
+class ModelConfig(_Strict):
+    factory: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: Path | None = None
+    pretrain: PretrainConfig | None = None
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_format(cls, value: str) -> str:
+        return _check_factory(value)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.checkpoint is None) == (self.pretrain is None):
+            raise ValueError("expected exactly one of 'checkpoint' or 'pretrain'")
+        return self
+
+
+class DataConfig(_Strict):
+    factory: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_format(cls, value: str) -> str:
+        return _check_factory(value)
+
+
+class SparsityRange(_Strict):
+    low: float = Field(0.0, ge=0.0, lt=1.0)
+    high: float = Field(0.9, ge=0.0, lt=1.0)
+    step: float | None = Field(None, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SparsityRange:
+        if self.low > self.high:
+            raise ValueError(f"expected low <= high, got low={self.low} and high={self.high}")
+        return self
+
+
+class SpaceConfig(_Strict):
+    methods: list[str] = Field(default_factory=lambda: ["l1_unstructured"], min_length=1)
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+    head: str | None = None
+    """Module protected from losing outputs; default: the last Linear/Conv layer."""
+    sparsity: SparsityRange = SparsityRange()
+    max_layer_sparsity: float = Field(0.95, gt=0.0, lt=1.0)
+    round_to: int | None = Field(None, ge=1)
+    calibration_batches: int = Field(2, ge=0)
+    quantize: Literal["never", "search", "always"] = "never"
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        from .methods import get_method
+
+        for name in value:
+            try:
+                get_method(name)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        if len(set(value)) != len(value):
+            raise ValueError(f"expected each method once, got {value}")
+        return value
+
+
+class FinetuneConfig(_Strict):
+    epochs: int = Field(1, ge=0)
+    optimizer: Literal[OPTIMIZERS] = "adam"  # type: ignore[valid-type]
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_batches: int | None = Field(None, ge=1)
+
+
+class LatencyConfig(_Strict):
+    batch_size: int = Field(1, ge=1)
+    threads: int = Field(1, ge=1)
+    rounds: int = Field(5, ge=1)
+    min_run_time: float = Field(0.05, gt=0)
+
+
+class ExecutionConfig(_Strict):
+    backend: Literal["ray", "in_process"] = "ray"
+    address: str | None = None
+    """Existing Ray cluster address (``HOST:PORT`` or ``auto``); default: start a local Ray."""
+    parallel: int = Field(2, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    memory_per_trial_mb: int | None = Field(None, ge=1)
+    max_retries: int = Field(0, ge=0)
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = None
+    """MLflow tracking URI; default: ``sqlite:///<work_dir>/mlflow.db``."""
+    experiment: str | None = None
+    log_models: bool = True
+
+
+class SearchConfig(_Strict):
+    study: StudyConfig
+    model: ModelConfig
+    data: DataConfig
+    work_dir: Path = Path("runs")
+    space: SpaceConfig = SpaceConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    latency: LatencyConfig = LatencyConfig()
+    execution: ExecutionConfig = ExecutionConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    base_dir: Path = Path(".")
+    """Directory of the config file; set by :func:`load_config`, not by users."""
+
+    # ---- derived values: one place decides the defaults ----
+    @property
+    def work_path(self) -> Path:
+        return (self.base_dir / self.work_dir).resolve()
+
+    @property
+    def storage_url(self) -> str:
+        return self.study.storage or f"sqlite:///{self.work_path / 'optuna.db'}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{self.work_path / 'mlflow.db'}"
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.study.name
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        ckpt = self.model.checkpoint
+        return None if ckpt is None else (self.base_dir / ckpt).resolve()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The config as plain JSON-able data (without ``base_dir``)."""
+        return json.loads(self.model_dump_json(exclude={"base_dir"}))
+
+    def digest(self) -> str:
+        """A short hash of what determines results, to detect edits on resume."""
+        text = json.dumps(self.snapshot(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_factory(value: str) -> str:
+    module, sep, attr = value.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"expected 'module:callable', got {value!r}")
+    return value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'a.b=1'`` -> ``(['a', 'b'], 1)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected 'dotted.key=value'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``dotted.key=value`` in ``raw`` (a copy), creating sections as needed."""
+    result = json.loads(json.dumps(raw, default=str))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = result
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {key!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return result
+
+
+def _describe(error: dict[str, Any]) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        return f"field {field!r}: unknown key"
+    if error["type"] == "missing":
+        return f"field {field!r}: required but missing"
+    given = error.get("input")
+    return f"field {field!r}: {message}; got {given!r}"
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> SearchConfig:
+    """Read, override and validate a config file; raise :class:`ConfigError` on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config {path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(raw).__name__}")
+    if "base_dir" in raw:
+        raise ConfigError(f"config {path}: field 'base_dir': unknown key")
+    raw = apply_overrides(raw, overrides or [])
+    raw["base_dir"] = str(path.resolve().parent)
+    try:
+        return SearchConfig.model_validate(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"config {path}: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(_describe(err) for err in exc.errors())
+        raise ConfigError(f"config {path}: {problems}") from None

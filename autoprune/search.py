@@ -1,0 +1,291 @@
+"""The search loop: config -> space -> ask -> plan -> trial (Ray) -> tell -> MLflow.
+
+Everything the user can get wrong is checked before anything is written: the
+factories, the model, the data, the space, the storage. Only then are the dense
+model trained (once per study, reused on resume) and the study created.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+
+import optuna
+import torch
+from torch import nn
+
+from . import model_files, pareto
+from .config import SearchConfig
+from .execution import Executor, InProcessExecutor, RayExecutor, TrialPayload
+from .methods import PruneContext
+from .model_io import build_loaders, build_model, import_factory, load_checkpoint
+from .plan import Plan
+from .space import SearchSpace, find_head
+from .study import (
+    BASELINE_ATTR,
+    DENSE_ATTR,
+    counted_trials,
+    create_study,
+    ensure_absent,
+    load_study,
+    make_sampler,
+    open_storage,
+    recover_stale_trials,
+    tell_failure,
+    tell_success,
+)
+from .tracking import Tracker
+from .training import TrainSettings, train
+from .trial import Batches, DenseBaseline, TrialOutput, TrialSettings, measure_dense
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+DENSE_FILE = "dense.pt"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A snapshot for progress displays."""
+
+    target: int
+    done: int
+    failed: int
+    running: int
+    front_size: int
+    message: str = ""
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass
+class Inputs:
+    """The user's model, data and search space, built and checked from the config."""
+
+    model: nn.Module
+    train_loader: Batches
+    val_loader: Batches
+    space: SearchSpace
+    settings: TrialSettings
+    modules: list[ModuleType]
+
+
+def _user_module(module: ModuleType) -> bool:
+    """A module shipped to Ray workers: one that is not an installed package."""
+    path = getattr(module, "__file__", None) or ""
+    return "site-packages" not in path and "dist-packages" not in path
+
+
+def build_inputs(config: SearchConfig) -> Inputs:
+    """Import factories, build model and data, derive the search space; no side effects on disk."""
+    model_factory, model_module = import_factory(config.model.factory, config.base_dir, "model.factory")
+    data_factory, data_module = import_factory(config.data.factory, config.base_dir, "data.factory")
+    model = build_model(model_factory, config.model.kwargs, "model.factory")
+    train_loader, val_loader = build_loaders(data_factory, config.data.kwargs, "data.factory")
+    if config.checkpoint_path is not None:
+        load_checkpoint(model, config.checkpoint_path)
+    head = config.space.head or find_head(model)
+    if head not in dict(model.named_modules()):
+        from .errors import ConfigError
+
+        raise ConfigError(f"field 'space.head': no module named {head!r} in the model")
+    settings = TrialSettings(
+        finetune=TrainSettings(**config.finetune.model_dump()),
+        protected=frozenset({head}),
+        latency_batch=config.latency.batch_size,
+        latency_threads=config.latency.threads,
+        latency_rounds=config.latency.rounds,
+        latency_min_run_time=config.latency.min_run_time,
+        max_layer_sparsity=config.space.max_layer_sparsity,
+        round_to=config.space.round_to,
+        calibration_batches=config.space.calibration_batches,
+        seed=config.study.seed,
+    )
+    example = next(iter(val_loader))[0][:1]
+    context = PruneContext(example_inputs=example, protected=settings.protected,
+                           max_layer_sparsity=settings.max_layer_sparsity, round_to=settings.round_to)
+    sparsity = config.space.sparsity
+    space = SearchSpace.from_model(model, context, config.space.methods, config.space.include,
+                                   config.space.exclude, low=sparsity.low, high=sparsity.high,
+                                   step=sparsity.step, quantize=config.space.quantize)
+    modules = list({m.__name__: m for m in (model_module, data_module) if _user_module(m)}.values())
+    return Inputs(model, train_loader, val_loader, space, settings, modules)
+
+
+def ensure_dense(config: SearchConfig, inputs: Inputs) -> nn.Module:
+    """The trained dense model: from the checkpoint, or pre-trained once and kept in the work dir."""
+    model = inputs.model
+    if config.model.pretrain is None:
+        return model
+    path = config.work_path / DENSE_FILE
+    if path.is_file():
+        load_checkpoint(model, path, field="work_dir (dense model)")
+        return model
+    pre = config.model.pretrain
+    torch.manual_seed(config.study.seed)
+    train(model, inputs.train_loader, TrainSettings(epochs=pre.epochs, optimizer=pre.optimizer, lr=pre.lr))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def _dense_baseline(study: optuna.Study, dense: nn.Module, inputs: Inputs) -> DenseBaseline:
+    stored = study.user_attrs.get(DENSE_ATTR)
+    if stored:
+        return DenseBaseline(**stored)
+    baseline = measure_dense(dense, inputs.val_loader, inputs.settings)
+    study.set_user_attr(DENSE_ATTR, asdict(baseline))
+    return baseline
+
+
+def make_executor(config: SearchConfig, payload: TrialPayload, modules: list[ModuleType]) -> Executor:
+    execution = config.execution
+    if execution.backend == "in_process":
+        return InProcessExecutor(payload)
+    return RayExecutor(payload, address=execution.address, parallel=execution.parallel,
+                       cpus_per_trial=execution.cpus_per_trial, gpus_per_trial=execution.gpus_per_trial,
+                       memory_per_trial_mb=execution.memory_per_trial_mb,
+                       max_retries=execution.max_retries, modules=modules)
+
+
+def trial_dir(config: SearchConfig, number: int) -> Path:
+    return config.work_path / "trials" / f"{number:05d}"
+
+
+def _store_files(config: SearchConfig, number: int, output: TrialOutput) -> Path:
+    directory = trial_dir(config, number)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / model_files.WEIGHTS_FILE).write_bytes(output.weights)
+    (directory / model_files.SKELETON_FILE).write_bytes(output.skeleton)
+    return directory
+
+
+def _enqueue_baselines(study: optuna.Study, space: SearchSpace, sparsities: list[float], method: str) -> None:
+    for sparsity in sparsities:
+        study.enqueue_trial(space.uniform_params(sparsity, method),
+                            user_attrs={BASELINE_ATTR: f"uniform {method} {sparsity:g}"})
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    study_name: str
+    completed: int
+    failed: int
+    front: list[dict]
+    parent_run_id: str
+    dense: DenseBaseline
+    recovered: list[int]
+
+
+def run_search(config: SearchConfig, *, resume: bool = False,
+               on_progress: ProgressCallback | None = None) -> SearchSummary:
+    """Run (or resume) the study of ``config`` until it holds ``study.n_trials`` finished trials."""
+    inputs = build_inputs(config)
+    config.work_path.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(config.storage_url)
+    sampler = make_sampler(config.study.sampler, config.study.seed)
+    if resume:
+        study: optuna.Study | None = load_study(storage, config.study.name, sampler)
+    else:
+        ensure_absent(storage, config.study.name)
+        study = None
+    tracker = Tracker(config.tracking_uri, config.experiment_name,
+                      artifact_location=None if config.tracking.uri else (config.work_path / "artifacts").as_uri())
+    dense = ensure_dense(config, inputs)
+    if study is None:
+        study = create_study(storage, config.study.name, sampler, config.snapshot(), config.digest())
+        _enqueue_baselines(study, inputs.space, config.study.baselines, config.space.methods[0])
+    recovered = recover_stale_trials(study) if resume else []
+    baseline = _dense_baseline(study, dense, inputs)
+    parent_id = tracker.start_parent(config.study.name, config.snapshot(), asdict(baseline))
+    payload = TrialPayload(dense, inputs.train_loader, inputs.val_loader, inputs.settings, baseline,
+                           threads=max(1, int(config.execution.cpus_per_trial)))
+    _log_missing_runs(study, tracker, parent_id, config.study.name, inputs.space)
+    executor = make_executor(config, payload, inputs.modules)
+    status = "FAILED"
+    try:
+        _loop(config, study, inputs.space, executor, tracker, parent_id, on_progress)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        executor.shutdown()
+        trials = pareto.complete_trials(study)
+        rows = pareto.front_rows(trials)
+        if trials:
+            _log_front(study, tracker, parent_id, trials, rows, baseline)
+        tracker.finish_parent(parent_id, status)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    return SearchSummary(config.study.name, states.count(optuna.trial.TrialState.COMPLETE),
+                         states.count(optuna.trial.TrialState.FAIL), rows, parent_id, baseline, recovered)
+
+
+def _log_missing_runs(study: optuna.Study, tracker: Tracker, parent_id: str, name: str, space: SearchSpace) -> None:
+    """After a crash between Optuna's tell and MLflow's log, log the finished trials MLflow lacks."""
+    from .plan import TrialResult
+
+    for trial in study.get_trials(deepcopy=False):
+        if tracker.has_trial(trial.number) or not trial.state.is_finished():
+            continue
+        plan = space.decode(trial.params) if trial.params else Plan(())
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            fields = TrialResult.__dataclass_fields__
+            result = TrialResult(**{k: trial.user_attrs[k] for k in fields if k != "extra"})
+            tracker.log_trial(parent_id, name, trial.number, plan, result, None)
+        elif trial.state == optuna.trial.TrialState.FAIL:
+            tracker.log_trial(parent_id, name, trial.number, plan, None, str(trial.user_attrs.get("fail_reason")))
+
+
+def _loop(config: SearchConfig, study: optuna.Study, space: SearchSpace, executor: Executor, tracker: Tracker,
+          parent_id: str, on_progress: ProgressCallback | None) -> None:
+    target, parallel = config.study.n_trials, config.execution.parallel
+    distributions = space.distributions()
+    inflight: dict[int, tuple[optuna.Trial, Plan]] = {}
+    failed = 0
+    front_size = len(study.best_trials) if pareto.complete_trials(study) else 0
+
+    def report(message: str = "") -> None:
+        if on_progress:
+            on_progress(Progress(target, counted_trials(study), failed, executor.running, front_size, message))
+
+    report("starting")
+    while True:
+        while executor.running < parallel and counted_trials(study) + executor.running < target:
+            trial = study.ask(distributions)
+            plan = space.decode(trial.params)
+            inflight[trial.number] = (trial, plan)
+            executor.submit(trial.number, plan)
+        if executor.running == 0:
+            break
+        for number, outcome in executor.wait():
+            trial, plan = inflight.pop(number)
+            extra_tags = {"baseline": str(trial.user_attrs[BASELINE_ATTR])} if BASELINE_ATTR in trial.user_attrs \
+                else {}
+            if isinstance(outcome, str):
+                failed += 1
+                tell_failure(study, trial, outcome)
+                tracker.log_trial(parent_id, config.study.name, number, plan, None, outcome, extra_tags)
+                message = f"trial {number} failed: {outcome.splitlines()[-1][:120]}"
+            else:
+                _store_files(config, number, outcome)
+                tell_success(study, trial, outcome.result)
+                tracker.log_trial(parent_id, config.study.name, number, plan, outcome.result, None, extra_tags)
+                r = outcome.result
+                message = (f"trial {number}: accuracy {r.accuracy:.4f}, size {r.size_bytes} B, "
+                           f"latency {r.latency_ms:.3f} ms")
+            ranks = pareto.ranks(pareto.complete_trials(study))
+            tracker.tag_pareto(ranks)
+            front_size = sum(1 for rank in ranks.values() if rank == 0)
+            report(message)
+
+
+def _log_front(study: optuna.Study, tracker: Tracker, parent_id: str, trials, rows, baseline: DenseBaseline) -> None:
+    summary = {
+        "front_size": len(rows),
+        "hypervolume": pareto.hypervolume(trials, baseline.size_bytes, baseline.latency_ms),
+        "completed_trials": len(trials),
+    }
+    tracker.log_front(parent_id, pareto.to_csv(rows), pareto.chart_html(study), summary)

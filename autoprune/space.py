@@ -1,0 +1,143 @@
+"""From a model to a search space, and from sampled parameters back to a :class:`Plan`.
+
+Each configured method lists the units it can prune (layers, dependency-group
+roots, blocks). A unit gets one sparsity parameter and, where several methods
+can prune it, a categorical method choice; a removable block gets a yes/no.
+Only Optuna's distribution classes are used here: no study, no sampler.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from torch import nn
+
+from .errors import ConfigError
+from .methods import PruneContext, get_method
+from .plan import LayerPlan, Plan
+
+QUANTIZE_PARAM = "quantize"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A prunable unit and the methods that may prune it (in config order)."""
+
+    name: str
+    methods: tuple[str, ...]
+    removal: bool = False
+
+
+def find_head(model: nn.Module) -> str:
+    """The classifier head: the last Linear or Conv layer in registration order."""
+    name = None
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            name = module_name
+    if name is None:
+        raise ConfigError("field 'space.head': no Linear or Conv layer found in the model; set it explicitly")
+    return name
+
+
+def _match(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    units: tuple[Unit, ...]
+    low: float
+    high: float
+    step: float | None = None
+    quantize: str = "never"
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        context: PruneContext,
+        methods: Sequence[str],
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
+        *,
+        low: float = 0.0,
+        high: float = 0.9,
+        step: float | None = None,
+        quantize: str = "never",
+    ) -> SearchSpace:
+        """Ask each method for its candidates and keep those ``include`` / ``exclude`` select.
+
+        A pattern that selects nothing is an error: it is almost always a typo.
+        """
+        by_name: dict[str, list[str]] = {}
+        removal: set[str] = set()
+        for method_name in methods:
+            method = get_method(method_name)
+            for unit in method.candidates(model, context):
+                by_name.setdefault(unit, []).append(method_name)
+                if method.family == "removal":
+                    removal.add(unit)
+        for field, patterns in (("space.include", include), ("space.exclude", exclude)):
+            for pattern in patterns:
+                if not any(fnmatch.fnmatchcase(name, pattern) for name in by_name):
+                    known = ", ".join(sorted(by_name)) or "(none)"
+                    raise ConfigError(f"field {field!r}: pattern {pattern!r} matches no prunable unit; "
+                                      f"prunable units: {known}")
+        units = tuple(
+            Unit(name, tuple(names), removal=name in removal)
+            for name, names in by_name.items()
+            if _match(name, include) and not _match(name, exclude)
+        )
+        if not units:
+            raise ConfigError("field 'space': no prunable unit left after include/exclude")
+        return cls(units, low, high, step, quantize)
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        dists: dict[str, BaseDistribution] = {}
+        for unit in self.units:
+            if unit.removal:
+                dists[f"{unit.name}/remove"] = CategoricalDistribution((False, True))
+                continue
+            if len(unit.methods) > 1:
+                dists[f"{unit.name}/method"] = CategoricalDistribution(unit.methods)
+            dists[f"{unit.name}/sparsity"] = FloatDistribution(self.low, self.high, step=self.step)
+        if self.quantize == "search":
+            dists[QUANTIZE_PARAM] = CategoricalDistribution((False, True))
+        return dists
+
+    def decode(self, params: Mapping[str, object]) -> Plan:
+        """Sampled parameters -> the plan a trial executes (units at sparsity 0 are dropped)."""
+        layers = []
+        for unit in self.units:
+            if unit.removal:
+                if params[f"{unit.name}/remove"]:
+                    layers.append(LayerPlan(unit.name, unit.methods[0], 1.0))
+                continue
+            method = str(params.get(f"{unit.name}/method", unit.methods[0]))
+            sparsity = float(params[f"{unit.name}/sparsity"])  # type: ignore[arg-type]
+            if sparsity > 0:
+                layers.append(LayerPlan(unit.name, method, sparsity))
+        quantize = self.quantize == "always" or bool(params.get(QUANTIZE_PARAM, False))
+        return Plan(tuple(layers), quantize=quantize)
+
+    def uniform_params(self, sparsity: float, method: str | None = None) -> dict[str, object]:
+        """Parameters of the trivial baseline: every unit at ``sparsity`` with one method.
+
+        Units the method cannot prune stay dense; removable blocks are kept.
+        """
+        params: dict[str, object] = {}
+        for unit in self.units:
+            if unit.removal:
+                params[f"{unit.name}/remove"] = False
+                continue
+            chosen = method if method in unit.methods else unit.methods[0]
+            if len(unit.methods) > 1:
+                params[f"{unit.name}/method"] = chosen
+            applies = method is None or method in unit.methods
+            params[f"{unit.name}/sparsity"] = sparsity if applies else self.low
+        if self.quantize == "search":
+            params[QUANTIZE_PARAM] = False
+        return params

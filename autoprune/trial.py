@@ -1,0 +1,163 @@
+"""One trial: copy the dense model, prune it by plan, fine-tune, measure.
+
+Depends on torch (and Torch-Pruning through the methods) only: it runs the same
+in-process, in a test, or on a Ray worker, and knows nothing of Optuna or MLflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import measure, model_files
+from .methods import FAMILY_ORDER, PruneContext, get_method
+from .methods import unstructured as unstructured_methods
+from .plan import Plan, TrialResult
+from .training import TrainSettings, train
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """Everything a trial needs besides the model, data and plan."""
+
+    finetune: TrainSettings
+    protected: frozenset[str]
+    latency_batch: int = 1
+    latency_threads: int = 1
+    latency_rounds: int = 5
+    latency_min_run_time: float = 0.05
+    max_layer_sparsity: float = 0.95
+    round_to: int | None = None
+    calibration_batches: int = 2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DenseBaseline:
+    """The dense model's numbers, measured once per study with nothing else running."""
+
+    accuracy: float
+    latency_ms: float
+    size_bytes: int
+    params: int
+    macs: int
+
+
+@dataclass(frozen=True)
+class TrialOutput:
+    """A result plus the pruned model's files (bytes), for the driver to store."""
+
+    result: TrialResult
+    weights: bytes
+    skeleton: bytes
+
+
+def make_context(train_loader: Batches, settings: TrialSettings, example: torch.Tensor) -> PruneContext:
+    calibration = list(islice(iter(train_loader), settings.calibration_batches))
+    return PruneContext(
+        example_inputs=example,
+        calibration_batches=calibration,
+        protected=settings.protected,
+        max_layer_sparsity=settings.max_layer_sparsity,
+        round_to=settings.round_to,
+    )
+
+
+def apply_plan(model: nn.Module, plan: Plan, context: PruneContext) -> None:
+    """Prune ``model`` in place, family by family (removal, structured, unstructured)."""
+    by_method: dict[str, dict[str, float]] = {}
+    for item in plan.layers:
+        by_method.setdefault(item.method, {})[item.layer] = item.sparsity
+    methods = {name: get_method(name) for name in by_method}
+    for family in FAMILY_ORDER:
+        for name, targets in by_method.items():
+            if methods[name].family == family:
+                methods[name].prune(model, targets, context)
+
+
+def prune_model(dense: nn.Module, plan: Plan, context: PruneContext) -> nn.Module:
+    """A pruned copy of ``dense`` (not fine-tuned)."""
+    model = copy.deepcopy(dense)
+    apply_plan(model, plan, context)
+    return model
+
+
+def run_trial(
+    dense: nn.Module,
+    train_loader: Batches,
+    val_loader: Batches,
+    plan: Plan,
+    settings: TrialSettings,
+    baseline: DenseBaseline,
+) -> TrialOutput:
+    """Prune, fine-tune and measure one model; raises if any step fails."""
+    torch.manual_seed(settings.seed)
+    example = next(iter(val_loader))[0][:1]
+    context = make_context(train_loader, settings, example)
+    model = prune_model(dense, plan, context)
+
+    has_unstructured = any(get_method(i.method).family == "unstructured" for i in plan.layers)
+    masks = unstructured_methods.masks_of(model) if has_unstructured else None
+    started = time.perf_counter()
+    train(model, train_loader, settings.finetune,
+          after_step=(lambda m: unstructured_methods.apply_masks(m, masks)) if masks else None)
+    train_seconds = time.perf_counter() - started
+
+    accuracy = measure.evaluate_accuracy(model, val_loader)
+    params, nonzero = measure.count_parameters(model)
+    macs = measure.count_macs(model, example)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = model_files.save_model(model, tmp)
+        weights = Path(files.weights_path).read_bytes()
+        skeleton = Path(files.skeleton_path).read_bytes()
+    inputs = _latency_inputs(val_loader, settings.latency_batch)
+    latency_ms, raw_ms, ratio = measure.honest_latency_ms(
+        model, dense, inputs, dense_alone_ms=baseline.latency_ms,
+        threads=settings.latency_threads, rounds=settings.latency_rounds,
+    )
+    result = TrialResult(
+        accuracy=accuracy,
+        accuracy_drop=baseline.accuracy - accuracy,
+        params=params,
+        nonzero_params=nonzero,
+        macs=macs,
+        size_bytes=files.total_bytes,
+        latency_ms=latency_ms,
+        latency_raw_ms=raw_ms,
+        latency_ratio=ratio,
+        param_sparsity=1.0 - nonzero / baseline.params,
+        train_seconds=train_seconds,
+    )
+    return TrialOutput(result, weights, skeleton)
+
+
+def _latency_inputs(loader: Batches, batch_size: int) -> torch.Tensor:
+    inputs = next(iter(loader))[0]
+    reps = -(-batch_size // inputs.shape[0])
+    return inputs.repeat(reps, *([1] * (inputs.dim() - 1)))[:batch_size].clone()
+
+
+def measure_dense(
+    dense: nn.Module, val_loader: Batches, settings: TrialSettings, *, min_run_time: float = 0.5
+) -> DenseBaseline:
+    """The dense model's accuracy, size, params, MACs and latency, timed alone."""
+    example = next(iter(val_loader))[0][:1]
+    inputs = _latency_inputs(val_loader, settings.latency_batch)
+    latency = measure.time_model(dense, inputs, threads=settings.latency_threads, min_run_time=min_run_time)
+    return DenseBaseline(
+        accuracy=measure.evaluate_accuracy(dense, val_loader),
+        latency_ms=latency.median_ms,
+        size_bytes=model_files.model_size_bytes(dense),
+        params=measure.count_parameters(dense)[0],
+        macs=measure.count_macs(dense, example),
+    )
