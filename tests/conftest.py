@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny config beside a tiny model/data module, written per test."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_MODULE = '''
+"""A tiny model and data for tests: a 2-conv residual-free CNN on digits."""
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from sklearn.datasets import load_digits
+
+
+class Tiny(nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.fc = nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def make_model(width=8):
+    return Tiny(width)
+
+
+def not_a_model():
+    return 42
+
+
+def make_loaders(n=400, batch_size=50):
+    d = load_digits()
+    x = torch.tensor(d.images[:n], dtype=torch.float32).unsqueeze(1) / 16
+    y = torch.tensor(d.target[:n])
+    cut = int(0.75 * n)
+    return (DataLoader(TensorDataset(x[:cut], y[:cut]), batch_size=batch_size, shuffle=True,
+                       generator=torch.Generator().manual_seed(0)),
+            DataLoader(TensorDataset(x[cut:], y[cut:]), batch_size=100))
+'''
+
+TINY_CONFIG = """
+study: {name: tiny, n_trials: 4, sampler: random, seed: 0}
+work_dir: work
+model:
+  factory: "tinymod:make_model"
+  pretrain: {epochs: 3, lr: 0.01}
+data:
+  factory: "tinymod:make_loaders"
+space:
+  methods: [l1_unstructured, l1_structured]
+  sparsity: {low: 0.1, high: 0.8}
+finetune: {epochs: 1}
+latency: {rounds: 2, min_run_time: 0.01}
+execution: {parallel: 2, cpus_per_trial: 1}
+"""
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path) -> Path:
+    """A directory with ``tinymod.py`` and ``search.yaml``; returns the config path."""
+    (tmp_path / "tinymod.py").write_text(TINY_MODULE)
+    config = tmp_path / "search.yaml"
+    config.write_text(textwrap.dedent(TINY_CONFIG))
+    return config
