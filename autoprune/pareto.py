@@ -48,6 +48,8 @@ def front_rows(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"trial": trial.number}
         for column in FRONT_COLUMNS[1:]:
             row[column] = trial.user_attrs.get(column)
+        for column in ("params", "nonzero_params", "macs"):
+            row[column] = int(row[column]) if row[column] is not None else None
         row["accuracy"], row["size_bytes"], row["latency_ms"] = trial.values[0], int(trial.values[1]), \
             trial.values[2]
         rows.append(row)

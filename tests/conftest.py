@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_MODULE = '''
-"""A tiny model and data for tests: a 2-conv residual-free CNN on digits."""
+"""A tiny model and data for tests: a 2-conv CNN on digits."""
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -26,15 +26,15 @@ class Tiny(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(1, width, 3, padding=1)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1)
-        self.fc = nn.Linear(width, 10)
+        self.fc = nn.Linear(width * 16, 10)
 
     def forward(self, x):
-        x = torch.relu(self.conv1(x))
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
         x = torch.relu(self.conv2(x))
-        return self.fc(x.mean(dim=(2, 3)))
+        return self.fc(torch.flatten(x, 1))
 
 
-def make_model(width=8):
+def make_model(width=16):
     return Tiny(width)
 
 
@@ -57,7 +57,7 @@ study: {name: tiny, n_trials: 4, sampler: random, seed: 0}
 work_dir: work
 model:
   factory: "tinymod:make_model"
-  pretrain: {epochs: 3, lr: 0.01}
+  pretrain: {epochs: 6, lr: 0.01}
 data:
   factory: "tinymod:make_loaders"
 space:

@@ -1,0 +1,66 @@
+"""Search space: units from the model, distributions, decode, include/exclude."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from autoprune.errors import ConfigError
+from autoprune.methods import PruneContext
+from autoprune.space import SearchSpace, find_head
+
+
+def small() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8), nn.ReLU(),
+                         nn.Linear(8, 3))
+
+
+def context(model: nn.Module) -> PruneContext:
+    return PruneContext(example_inputs=torch.zeros(1, 1, 8, 8), protected=frozenset({find_head(model)}))
+
+
+def test_head_is_last_linear() -> None:
+    assert find_head(small()) == "5"
+
+
+def test_units_and_distributions() -> None:
+    model = small()
+    space = SearchSpace.from_model(model, context(model), ["l1_unstructured", "random_unstructured"],
+                                   low=0.0, high=0.8, step=0.1)
+    assert [u.name for u in space.units] == ["0", "3"]  # the head "5" is protected
+    dists = space.distributions()
+    assert set(dists) == {"0/method", "0/sparsity", "3/method", "3/sparsity"}
+    assert dists["0/method"].choices == ("l1_unstructured", "random_unstructured")
+    assert dists["3/sparsity"].low == 0.0 and dists["3/sparsity"].high == 0.8
+
+
+def test_decode_drops_zero_sparsity_and_keeps_method() -> None:
+    model = small()
+    space = SearchSpace.from_model(model, context(model), ["l1_unstructured", "random_unstructured"])
+    plan = space.decode({"0/method": "random_unstructured", "0/sparsity": 0.5,
+                         "3/method": "l1_unstructured", "3/sparsity": 0.0})
+    assert [(p.layer, p.method, p.sparsity) for p in plan.layers] == [("0", "random_unstructured", 0.5)]
+    assert plan.quantize is False
+
+
+def test_single_method_has_no_choice_param() -> None:
+    model = small()
+    space = SearchSpace.from_model(model, context(model), ["l1_unstructured"], exclude=["0"])
+    assert set(space.distributions()) == {"3/sparsity"}
+    assert space.uniform_params(0.5) == {"3/sparsity": 0.5}
+
+
+def test_pattern_matching_nothing_is_an_error() -> None:
+    model = small()
+    with pytest.raises(ConfigError, match=r"field 'space.exclude': pattern 'conv\*' matches no prunable unit"):
+        SearchSpace.from_model(model, context(model), ["l1_unstructured"], exclude=["conv*"])
+    with pytest.raises(ConfigError, match="no prunable unit left"):
+        SearchSpace.from_model(model, context(model), ["l1_unstructured"], exclude=["*"])
+
+
+def test_quantize_search_dimension() -> None:
+    model = small()
+    space = SearchSpace.from_model(model, context(model), ["l1_unstructured"], quantize="search")
+    assert "quantize" in space.distributions()
+    assert space.decode({"0/sparsity": 0.1, "3/sparsity": 0.2, "quantize": True}).quantize is True
