@@ -1,0 +1,127 @@
+"""Helpers shared by the pruning methods: target validation, module lookup,
+calibration gradients and the record of which channels a structured method removed."""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import AutopruneError, ConfigError, UnsupportedLayerError
+from .base import PruneContext, PruningMethod
+
+EXCLUDE_HINT = "add it to space.exclude in the config"
+
+
+def check_ratio(method: str, unit: str, ratio: float, context: PruneContext) -> None:
+    """Raise unless ``0 <= ratio < 1`` and ``ratio <= context.max_layer_sparsity``.
+
+    The cap is never applied silently: a request above it is an error naming the
+    unit, the ratio and the cap.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise AutopruneError(f"{method}: ratio {ratio} for {unit!r} is outside [0, 1)")
+    if ratio > context.max_layer_sparsity:
+        raise AutopruneError(
+            f"{method}: ratio {ratio} for {unit!r} exceeds max_layer_sparsity={context.max_layer_sparsity}; "
+            "lower the requested sparsity or raise the cap"
+        )
+
+
+def unknown_unit(
+    method: str, model: nn.Module, unit: str, candidates: list[str], reason: str | None = None
+) -> AutopruneError:
+    """The error for a target that is not one of ``candidates``.
+
+    An existing module becomes :class:`UnsupportedLayerError` (with ``reason`` and
+    how to exclude it); a name that is not in the model is a :class:`ConfigError`.
+    """
+    modules = dict(model.named_modules())
+    if unit in modules:
+        why = reason or f"{type(modules[unit]).__name__} is not a unit {method} can prune"
+        return UnsupportedLayerError(
+            f"{method} cannot prune layer {unit!r}: {why}; {EXCLUDE_HINT} or choose another method"
+        )
+    shown = ", ".join(candidates[:12]) + (" ..." if len(candidates) > 12 else "")
+    return ConfigError(f"{method}: model has no module named {unit!r}; prunable units: {shown or 'none'}")
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) by ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+@contextlib.contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Restore every module's ``training`` flag on exit (tracing switches to eval)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def batch_gradients(
+    model: nn.Module, context: PruneContext, method: str, accumulate: bool = False
+) -> Iterator[int]:
+    """Backpropagate ``context.loss_fn`` over each calibration batch, yielding after each one.
+
+    With ``accumulate=False`` the ``.grad`` seen at each yield belongs to that
+    batch alone; with ``accumulate=True`` it is the running sum. Runs in eval
+    mode (BatchNorm statistics are left untouched) and clears earlier
+    gradients first. Raises when there is no calibration data.
+    """
+    if not context.calibration_batches:
+        raise AutopruneError(
+            f"{method} scores weights by gradients and needs calibration batches, but "
+            "context.calibration_batches is empty; configure calibration batches or pick a magnitude method"
+        )
+    model.zero_grad(set_to_none=True)
+    with preserved_modes(model), torch.enable_grad():
+        model.eval()
+        for index, (inputs, labels) in enumerate(context.calibration_batches):
+            if not accumulate:
+                model.zero_grad(set_to_none=True)
+            context.loss_fn(model(inputs), labels).backward()
+            yield index
+
+
+class IndexedPruningMethod(PruningMethod):
+    """A structured method that can say which indices it removed.
+
+    :meth:`prune_indices` prunes like :meth:`prune` and returns, per unit, the
+    removed indices numbered as before pruning: output channels of the group's
+    root layer, heads of an attention block or hidden neurons of an MLP.
+    """
+
+    @abc.abstractmethod
+    def prune_indices(
+        self, model: nn.Module, targets: Mapping[str, float], context: PruneContext
+    ) -> dict[str, list[int]]:
+        """Prune ``model`` in place and return the removed indices per unit."""
+
+    def prune(self, model: nn.Module, targets: Mapping[str, float], context: PruneContext) -> None:
+        self.prune_indices(model, targets, context)
+
+
+def count_to_remove(total: int, ratio: float, round_to: int | None = None) -> int:
+    """Whole units removed for ``ratio`` of ``total``: ``round(ratio * total)``.
+
+    With ``round_to`` the kept count is rounded to the nearest multiple of
+    ``round_to`` (ties towards removing more) and never below ``round_to``.
+    Callers check the result against ``total`` (at least one unit must stay).
+    """
+    remove = round(ratio * total)
+    if round_to and round_to > 1 and remove > 0:
+        keep = total - remove
+        lower = keep - keep % round_to
+        upper = lower + round_to
+        keep = lower if keep - lower <= upper - keep or upper > total else upper
+        remove = total - max(keep, min(round_to, total))
+    return remove

@@ -1,0 +1,182 @@
+"""Unstructured pruning: zero individual weights of Conv/Linear layers.
+
+The unit is a layer (its module name); every ``nn.Conv*d`` / ``nn.Linear`` not in
+``context.protected`` is a candidate. A ratio ``r`` for a layer with ``n``
+weights leaves ``round(r * n)`` of them at zero: the lowest-scoring ones, where
+weights that are already zero score lowest (they count towards the ratio, so a
+layer that had more zeros before keeps them). Zeros are written into
+``weight`` itself; no ``torch.nn.utils.prune`` re-parametrisation or hook is left
+behind, so shapes, MACs and the dense parameter count do not change, only the
+number of non-zero weights.
+
+Fine-tuning moves zeros away again. The trial keeps them with
+:func:`masks_of` (taken right after pruning) and :func:`apply_masks` called after
+every optimizer step, or :func:`hold_masks` which registers exactly that as an
+optimizer step post-hook. Re-multiplying after the step is used rather than a
+gradient hook because momentum and weight decay move masked weights even when
+their gradient is zero.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..errors import AutopruneError
+from ._common import batch_gradients, check_ratio, unknown_unit
+from .base import PruneContext, PruningMethod
+from .registry import register
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def prunable_layers(model: nn.Module, protected: frozenset[str] = frozenset()) -> dict[str, nn.Module]:
+    """Conv/Linear layers with a ``weight``, by name, in module order, minus ``protected``."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, PRUNABLE_TYPES) and name not in protected and module.weight is not None
+    }
+
+
+class UnstructuredMethod(PruningMethod):
+    """Scores every weight of a layer (:meth:`scores`) and zeros the lowest ones."""
+
+    family = "unstructured"
+
+    @abc.abstractmethod
+    def scores(
+        self, model: nn.Module, layers: Mapping[str, nn.Module], context: PruneContext
+    ) -> dict[str, torch.Tensor]:
+        """Per-weight importance (same shape as ``weight``; higher means keep) for each layer."""
+
+    def candidates(self, model: nn.Module, context: PruneContext) -> list[str]:
+        return list(prunable_layers(model, context.protected))
+
+    def prune(self, model: nn.Module, targets: Mapping[str, float], context: PruneContext) -> None:
+        layers = prunable_layers(model, context.protected)
+        counts: dict[str, int] = {}
+        for name, ratio in targets.items():
+            if name not in layers:
+                reason = "it is protected (its output size is fixed)" if name in context.protected else None
+                raise unknown_unit(self.name, model, name, list(layers), reason)
+            check_ratio(self.name, name, ratio, context)
+            count = round(ratio * layers[name].weight.numel())
+            if count > 0:
+                counts[name] = count
+        if not counts:
+            return
+        chosen = {name: layers[name] for name in counts}
+        for module in chosen.values():
+            _strip_reparametrization(module)
+        scores = self.scores(model, chosen, context)
+        with torch.no_grad():
+            for name, module in chosen.items():
+                weight = module.weight
+                score = scores[name].detach().to(torch.float32).flatten().clone()
+                score[weight.detach().flatten() == 0] = -float("inf")
+                drop = torch.argsort(score, stable=True)[: counts[name]]
+                keep = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
+                keep[drop] = False
+                weight.mul_(keep.view_as(weight))
+
+
+def _strip_reparametrization(module: nn.Module) -> None:
+    """Fold a ``torch.nn.utils.prune`` mask into ``weight`` so only plain zeros remain."""
+    if hasattr(module, "weight_orig"):
+        torch.nn.utils.prune.remove(module, "weight")
+
+
+@register
+class L1Unstructured(UnstructuredMethod):
+    """Magnitude ``|w|``."""
+
+    name = "l1_unstructured"
+
+    def scores(self, model, layers, context):
+        return {name: module.weight.detach().abs() for name, module in layers.items()}
+
+
+@register
+class L2Unstructured(UnstructuredMethod):
+    """Squared magnitude ``w**2``. Within one layer it ranks like ``|w|`` (the masks are
+    identical to l1_unstructured); it is kept as its own criterion for configs and
+    for scorings that compare values across layers."""
+
+    name = "l2_unstructured"
+
+    def scores(self, model, layers, context):
+        return {name: module.weight.detach().pow(2) for name, module in layers.items()}
+
+
+@register
+class TaylorUnstructured(UnstructuredMethod):
+    """First-order Taylor saliency ``sum_b |w * dL_b/dw|`` over the calibration batches
+    (each batch's gradient on its own, model in eval mode). Clears ``.grad``."""
+
+    name = "taylor_unstructured"
+
+    def scores(self, model, layers, context):
+        totals = {
+            name: torch.zeros_like(module.weight, dtype=torch.float32) for name, module in layers.items()
+        }
+        for _ in batch_gradients(model, context, self.name):
+            for name, module in layers.items():
+                if module.weight.grad is not None:
+                    totals[name] += (module.weight.detach() * module.weight.grad).abs().float()
+        model.zero_grad(set_to_none=True)
+        return totals
+
+
+@register
+class RandomUnstructured(UnstructuredMethod):
+    """Uniform random scores from torch's global generator: reproducible under
+    ``torch.manual_seed``."""
+
+    name = "random_unstructured"
+
+    def scores(self, model, layers, context):
+        return {
+            name: torch.rand(module.weight.shape, device=module.weight.device)
+            for name, module in layers.items()
+        }
+
+
+def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Boolean keep-masks (``weight != 0``) of every Conv/Linear layer that has a zero weight.
+
+    Take them right after pruning; layers without zeros are left out.
+    """
+    masks = {}
+    for name, module in prunable_layers(model).items():
+        keep = module.weight.detach() != 0
+        if not bool(keep.all()):
+            masks[name] = keep
+    return masks
+
+
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Multiply each masked layer's ``weight`` by its mask in place (call after every optimizer step)."""
+    with torch.no_grad():
+        for name, mask in masks.items():
+            try:
+                weight = model.get_submodule(name).weight
+            except AttributeError:
+                raise AutopruneError(f"mask for {name!r} does not match any layer of the model") from None
+            if weight.shape != mask.shape:
+                raise AutopruneError(
+                    f"mask for {name!r} has shape {tuple(mask.shape)} but the weight has "
+                    f"{tuple(weight.shape)}; take masks after all structural changes"
+                )
+            weight.mul_(mask.to(weight.device))
+
+
+def hold_masks(
+    optimizer: torch.optim.Optimizer, model: nn.Module, masks: Mapping[str, torch.Tensor]
+) -> RemovableHandle:
+    """Re-apply ``masks`` after every ``optimizer.step()``; ``.remove()`` the handle to stop."""
+    return optimizer.register_step_post_hook(lambda *_: apply_masks(model, masks))
