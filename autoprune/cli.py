@@ -7,6 +7,7 @@ stderr and exit code 2; everything else it prints goes to stdout.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -141,4 +142,7 @@ def export(config: ConfigArg,
 
 
 def main() -> None:
+    # MLflow and alembic announce every table they create; users want the search's own output.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     app()
