@@ -24,6 +24,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import AutopruneError
@@ -88,7 +89,7 @@ class UnstructuredMethod(PruningMethod):
 def _strip_reparametrization(module: nn.Module) -> None:
     """Fold a ``torch.nn.utils.prune`` mask into ``weight`` so only plain zeros remain."""
     if hasattr(module, "weight_orig"):
-        torch.nn.utils.prune.remove(module, "weight")
+        torch_prune.remove(module, "weight")
 
 
 @register
