@@ -49,7 +49,7 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def _load(config: Path, overrides: list[str] | None):  # noqa: ANN202 - SearchConfig, imported lazily
+def _load(config: Path, overrides: list[str] | None):
     from .config import load_config
 
     return load_config(config, overrides or [])
@@ -66,7 +66,7 @@ def _search(config_path: Path, overrides: list[str] | None, resume: bool) -> Non
                   TextColumn("{task.fields[status]}"), console=out, transient=False) as bar:
         task = bar.add_task("trials", total=config.study.n_trials, status="preparing (dense model, Ray)")
 
-        def on_progress(p) -> None:  # noqa: ANN001
+        def on_progress(p) -> None:
             status = f"failed {p.failed} | running {p.running} | front {p.front_size}"
             bar.update(task, completed=p.done, status=status)
             if p.message:

@@ -67,7 +67,7 @@ def build_loaders(factory: Callable[..., Any], kwargs: dict[str, Any], field: st
     if not (isinstance(loaders, tuple | list) and len(loaders) == 2):
         raise ConfigError(f"field {field!r}: expected the factory to return (train_loader, val_loader), "
                           f"got {type(loaders).__name__}")
-    for which, loader in zip(("train", "val"), loaders):
+    for which, loader in zip(("train", "val"), loaders, strict=False):
         batch = next(iter(loader), None)
         ok = (isinstance(batch, tuple | list) and len(batch) == 2
               and all(isinstance(t, torch.Tensor) for t in batch))

@@ -35,7 +35,7 @@ def ranks(trials: Sequence[FrozenTrial]) -> dict[int, int]:
     if not trials:
         return {}
     values = _fast_non_domination_rank(_losses(trials))
-    return {t.number: int(r) for t, r in zip(trials, values)}
+    return {t.number: int(r) for t, r in zip(trials, values, strict=False)}
 
 
 def front_rows(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from .execution import Executor, InProcessExecutor, RayExecutor, TrialPayload
 from .methods import PruneContext
 from .model_io import build_loaders, build_model, import_factory, load_checkpoint
 from .plan import Plan
+from .report import StudyReport
 from .space import SearchSpace, find_head
 from .study import (
     BASELINE_ATTR,
@@ -200,58 +201,40 @@ def run_search(config: SearchConfig, *, resume: bool = False,
     recovered = recover_stale_trials(study) if resume else []
     baseline = _dense_baseline(study, dense, inputs)
     parent_id = tracker.start_parent(config.study.name, config.snapshot(), asdict(baseline))
+    report = StudyReport(tracker, parent_id, config.study.name, baseline)
+    report.log_missing(study, inputs.space)
     payload = TrialPayload(dense, inputs.train_loader, inputs.val_loader, inputs.settings, baseline,
                            threads=max(1, int(config.execution.cpus_per_trial)))
-    _log_missing_runs(study, tracker, parent_id, config.study.name, inputs.space)
     executor = make_executor(config, payload, inputs.modules)
     status = "FAILED"
     try:
-        _loop(config, study, inputs.space, executor, tracker, parent_id, on_progress)
+        _loop(config, study, inputs.space, executor, report, on_progress)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         executor.shutdown()
-        trials = pareto.complete_trials(study)
-        rows = pareto.front_rows(trials)
-        if trials:
-            _log_front(study, tracker, parent_id, trials, rows, baseline)
-        tracker.finish_parent(parent_id, status)
+        rows = report.finalize(study)
+        report.finish(status)
     states = [t.state for t in study.get_trials(deepcopy=False)]
     return SearchSummary(config.study.name, states.count(optuna.trial.TrialState.COMPLETE),
                          states.count(optuna.trial.TrialState.FAIL), rows, parent_id, baseline, recovered)
 
 
-def _log_missing_runs(study: optuna.Study, tracker: Tracker, parent_id: str, name: str, space: SearchSpace) -> None:
-    """After a crash between Optuna's tell and MLflow's log, log the finished trials MLflow lacks."""
-    from .plan import TrialResult
-
-    for trial in study.get_trials(deepcopy=False):
-        if tracker.has_trial(trial.number) or not trial.state.is_finished():
-            continue
-        plan = space.decode(trial.params) if trial.params else Plan(())
-        if trial.state == optuna.trial.TrialState.COMPLETE:
-            fields = TrialResult.__dataclass_fields__
-            result = TrialResult(**{k: trial.user_attrs[k] for k in fields if k != "extra"})
-            tracker.log_trial(parent_id, name, trial.number, plan, result, None)
-        elif trial.state == optuna.trial.TrialState.FAIL:
-            tracker.log_trial(parent_id, name, trial.number, plan, None, str(trial.user_attrs.get("fail_reason")))
-
-
-def _loop(config: SearchConfig, study: optuna.Study, space: SearchSpace, executor: Executor, tracker: Tracker,
-          parent_id: str, on_progress: ProgressCallback | None) -> None:
+def _loop(config: SearchConfig, study: optuna.Study, space: SearchSpace, executor: Executor,
+          report: StudyReport, on_progress: ProgressCallback | None) -> None:
     target, parallel = config.study.n_trials, config.execution.parallel
     distributions = space.distributions()
     inflight: dict[int, tuple[optuna.Trial, Plan]] = {}
     failed = 0
     front_size = len(study.best_trials) if pareto.complete_trials(study) else 0
 
-    def report(message: str = "") -> None:
+    def progress(message: str = "") -> None:
         if on_progress:
             on_progress(Progress(target, counted_trials(study), failed, executor.running, front_size, message))
 
-    report("starting")
+    progress("starting")
     while True:
         while executor.running < parallel and counted_trials(study) + executor.running < target:
             trial = study.ask(distributions)
@@ -262,30 +245,16 @@ def _loop(config: SearchConfig, study: optuna.Study, space: SearchSpace, executo
             break
         for number, outcome in executor.wait():
             trial, plan = inflight.pop(number)
-            extra_tags = {"baseline": str(trial.user_attrs[BASELINE_ATTR])} if BASELINE_ATTR in trial.user_attrs \
-                else {}
             if isinstance(outcome, str):
                 failed += 1
                 tell_failure(study, trial, outcome)
-                tracker.log_trial(parent_id, config.study.name, number, plan, None, outcome, extra_tags)
+                front_size = report.trial_finished(study, number, plan, trial.user_attrs, None, outcome)
                 message = f"trial {number} failed: {outcome.splitlines()[-1][:120]}"
             else:
                 _store_files(config, number, outcome)
                 tell_success(study, trial, outcome.result)
-                tracker.log_trial(parent_id, config.study.name, number, plan, outcome.result, None, extra_tags)
+                front_size = report.trial_finished(study, number, plan, trial.user_attrs, outcome.result, None)
                 r = outcome.result
-                message = (f"trial {number}: accuracy {r.accuracy:.4f}, size {r.size_bytes} B, "
+                message = (f"trial {number}: accuracy {r.accuracy:.4f}, size {r.size_bytes:,} B, "
                            f"latency {r.latency_ms:.3f} ms")
-            ranks = pareto.ranks(pareto.complete_trials(study))
-            tracker.tag_pareto(ranks)
-            front_size = sum(1 for rank in ranks.values() if rank == 0)
-            report(message)
-
-
-def _log_front(study: optuna.Study, tracker: Tracker, parent_id: str, trials, rows, baseline: DenseBaseline) -> None:
-    summary = {
-        "front_size": len(rows),
-        "hypervolume": pareto.hypervolume(trials, baseline.size_bytes, baseline.latency_ms),
-        "completed_trials": len(trials),
-    }
-    tracker.log_front(parent_id, pareto.to_csv(rows), pareto.chart_html(study), summary)
+            progress(message)
