@@ -14,7 +14,12 @@ dense reference model and reports::
 
     latency_ms = dense_alone_ms * (pruned_median / dense_median_same_window)
 
-where ``dense_alone_ms`` was measured once, with the machine otherwise idle.
+where ``dense_alone_ms`` was measured once, before the trials start, as the lowest of several
+medians (:func:`reference_latency_ms`).  :func:`time_interleaved` alternates the models block by
+block (~0.3 ms blocks), not window by window: next to a busy process that took the spread (CV) of
+the estimate from 20-60 % to about 1 % (benchmarks/RESULTS.md, "Latency spread").  What it does
+not remove: interference that slows the two models by different factors (e.g. cache pressure
+hitting the larger model harder).
 
 All timing is single-threaded by default (``threads=1``): on a small shared machine, letting
 torch use several threads made medians swing by an order of magnitude.  Every function that
@@ -40,6 +45,7 @@ __all__ = [
     "count_parameters",
     "evaluate_accuracy",
     "honest_latency_ms",
+    "reference_latency_ms",
     "time_interleaved",
     "time_model",
 ]
@@ -182,6 +188,19 @@ def time_model(
     return _sample(list(measurement.times))
 
 
+# Target duration of one timed block in time_interleaved: short blocks alternate the models
+# finely, so a burst of interference hits both; see the module docstring.
+_INTERLEAVE_BLOCK_S = 0.0003
+
+
+def _block_number(timer: benchmark.Timer, block_s: float) -> int:
+    """Smallest power of two of calls whose block takes at least ``block_s``."""
+    number = 1
+    while number < 1 << 20 and timer.timeit(number).raw_times[0] < block_s:
+        number *= 2
+    return number
+
+
 def time_interleaved(
     models: Mapping[str, nn.Module],
     inputs: Tensor,
@@ -192,11 +211,18 @@ def time_interleaved(
 ) -> dict[str, LatencySample]:
     """Time several models round-robin so that they all see the same interference.
 
-    Each of ``rounds`` rounds times every model briefly (``blocked_autorange`` with
-    ``min_run_time``); the order is reversed every other round so no model is always first.
-    Returns, per model, the median (and IQR) over all its timed blocks from all rounds.
-    Ratios between the returned medians are what is meaningful on a busy machine; see
-    :func:`honest_latency_ms`.
+    Each model gets a block size (a power of two of back-to-back calls, at least ~0.3 ms per
+    block, one call for slower models).  Each of ``rounds`` rounds then alternates the models
+    block by block with ``benchmark.Timer.timeit`` -- one block of each in turn, the order
+    reversed every other round -- until the round has used ``min_run_time`` seconds per model on
+    average (every model at least one block).  Returns, per model, the median (and IQR) of the
+    per-call time over all its blocks from all rounds; ``runs`` is the number of blocks.
+
+    Alternating at block level matters: with one ``blocked_autorange(min_run_time)`` window per
+    model per round, windows 50 ms apart saw different interference and the ratio of medians
+    still spread by 20-50 % (CV) next to a busy process; block-level alternation gave 1-4 %
+    (see benchmarks/RESULTS.md).  Ratios between the returned medians are what is meaningful on
+    a busy machine; see :func:`honest_latency_ms`.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -208,12 +234,32 @@ def time_interleaved(
         timers = {name: _timer(models[name], inputs, threads) for name in names}
         for name in names:
             models[name](inputs)  # warm-up
+        numbers = {name: _block_number(timers[name], _INTERLEAVE_BLOCK_S) for name in names}
+        budget = min_run_time * len(names)
         for r in range(rounds):
             order = names if r % 2 == 0 else names[::-1]
-            for name in order:
-                measurement = timers[name].blocked_autorange(min_run_time=min_run_time)
-                times[name].extend(measurement.times)
+            spent = 0.0
+            while spent < budget:
+                for name in order:
+                    measurement = timers[name].timeit(numbers[name])
+                    spent += measurement.raw_times[0]
+                    times[name].extend(measurement.times)
     return {name: _sample(times[name]) for name in names}
+
+
+def reference_latency_ms(
+    model: nn.Module, inputs: Tensor, *, threads: int = 1, repeats: int = 5, min_run_time: float = 0.2
+) -> float:
+    """The lowest of ``repeats`` :func:`time_model` medians: a reference latency (``dense_alone_ms``).
+
+    Interference from other processes only ever adds time, so on a machine that is not
+    guaranteed to be idle the lowest median is the best estimate of the undisturbed latency;
+    a single median taken while something else ran was seen 2x too high.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    medians = [time_model(model, inputs, threads=threads, min_run_time=min_run_time) for _ in range(repeats)]
+    return min(m.median_ms for m in medians)
 
 
 def honest_latency_ms(
@@ -229,10 +275,12 @@ def honest_latency_ms(
     """Latency estimate of ``pruned`` that is robust to other work running on the machine.
 
     Times ``pruned`` and ``dense`` interleaved (:func:`time_interleaved`) and scales the
-    reference ``dense_alone_ms`` (the dense model's median measured on an idle machine, with the
-    same inputs and threads) by their ratio.  Returns ``(estimated_ms, raw_pruned_ms, ratio)``
-    where ``raw_pruned_ms`` is the pruned model's median in this (possibly busy) window and
-    ``ratio = pruned_median / dense_median``.
+    reference ``dense_alone_ms`` (the dense model's latency on an idle machine, with the same
+    inputs and threads, e.g. from :func:`reference_latency_ms`) by their ratio.  The estimate is
+    only as good as that reference: measure it once, carefully, before trials start.
+
+    Returns ``(estimated_ms, raw_pruned_ms, ratio)`` where ``raw_pruned_ms`` is the pruned
+    model's median in this (possibly busy) window and ``ratio = pruned_median / dense_median``.
     """
     samples = time_interleaved(
         {"pruned": pruned, "dense": dense},

@@ -12,6 +12,7 @@ from autoprune.measure import (
     count_parameters,
     evaluate_accuracy,
     honest_latency_ms,
+    reference_latency_ms,
     time_interleaved,
     time_model,
 )
@@ -136,3 +137,11 @@ def test_honest_latency_scales_reference_by_ratio() -> None:
     assert raw > 0
     assert 0 < ratio < 0.2
     assert estimated == pytest.approx(10.0 * ratio)
+
+
+def test_reference_latency_is_lowest_median() -> None:
+    _, tiny, x = _big_and_tiny()
+    ref = reference_latency_ms(tiny, x, repeats=2, min_run_time=0.01)
+    assert 0 < ref < 10.0
+    with pytest.raises(ValueError, match="repeats"):
+        reference_latency_ms(tiny, x, repeats=0)
