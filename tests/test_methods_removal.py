@@ -87,3 +87,25 @@ def test_errors() -> None:
         method.prune(entry.build(), {"layer2.0": 1.0}, _context(entry))
     with pytest.raises(AutopruneError, match="outside"):
         method.prune(entry.build(), {"layer1.0": 1.5}, _context(entry))
+
+
+def test_units_inside_a_removed_block_are_skipped_by_later_families() -> None:
+    entry = ZOO["resnet"]
+    model = entry.build(seed=3)
+    context = _context(entry)
+    get_method("remove_block").prune(model, {"layer1.0": 1.0}, context)
+    removed = get_method("l1_structured").prune_indices(
+        model, {"layer1.0.conv1": 0.5, "layer2.0.conv1": 0.5}, context
+    )
+    assert removed["layer1.0.conv1"] == [] and len(removed["layer2.0.conv1"]) == 8
+    get_method("l1_unstructured").prune(model, {"layer1.0.conv2": 0.5, "layer1.1.conv2": 0.5}, context)
+    assert int((model.layer1[1].conv2.weight == 0).sum()) == model.layer1[1].conv2.weight.numel() // 2
+
+    hf = ZOO["hf"]
+    model = hf.build()
+    get_method("remove_block").prune(model, {"layers.0": 1.0}, _context(hf))
+    heads = get_method("attention_heads").prune_indices(
+        model, {"layers.0.self_attn": 0.5, "layers.1.self_attn": 0.5}, _context(hf)
+    )
+    assert heads["layers.0.self_attn"] == [] and len(heads["layers.1.self_attn"]) == 2
+    model(hf.example(2)).sum().backward()

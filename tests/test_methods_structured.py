@@ -178,3 +178,24 @@ def _fine_tune(model: nn.Module, entry: ZooEntry, steps: int = 8) -> list[float]
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+class ChannelScale(nn.Module):
+    """Multiplies by a per-channel buffer that Torch-Pruning does not know to shrink."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, channels).view(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def test_a_layer_the_surgery_breaks_is_reported() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), ChannelScale(8), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)
+    )
+    context = PruneContext(example_inputs=torch.randn(2, 3, 8, 8), protected=frozenset({"4"}))
+    with pytest.raises(UnsupportedLayerError) as info:
+        get_method("l1_structured").prune(model, {"0": 0.5}, context)
+    assert "after pruning 0 (" in str(info.value) and "space.exclude" in str(info.value)

@@ -49,6 +49,41 @@ def unknown_unit(
     return ConfigError(f"{method}: model has no module named {unit!r}; prunable units: {shown or 'none'}")
 
 
+class RemovedBlock(nn.Identity):
+    """Stands where ``remove_block`` took a block out: returns its first argument
+    unchanged and ignores any other arguments (masks passed by a container)."""
+
+    def forward(self, input: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return input
+
+
+def live_targets(model: nn.Module, targets: Mapping[str, float]) -> dict[str, float]:
+    """``targets`` without units that lay inside a block already replaced by
+    :class:`RemovedBlock` (removal runs first in a trial; those units are gone)."""
+    removed = [name for name, module in model.named_modules() if isinstance(module, RemovedBlock)]
+    return {
+        unit: ratio
+        for unit, ratio in targets.items()
+        if not any(unit == block or unit.startswith(block + ".") for block in removed)
+    }
+
+
+def check_runs(method: str, model: nn.Module, context: PruneContext, units: list[str]) -> None:
+    """One forward pass on ``context.example_inputs`` after surgery; a failure means
+    a layer the method does not understand sat in a pruned unit."""
+    if not units:
+        return
+    try:
+        with preserved_modes(model), torch.no_grad():
+            model.eval()
+            model(context.example_inputs)
+    except Exception as error:
+        raise UnsupportedLayerError(
+            f"{method}: the model no longer runs after pruning {', '.join(units)} ({type(error).__name__}: "
+            f"{error}); a layer in these units is not supported: {EXCLUDE_HINT}"
+        ) from error
+
+
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the submodule called ``name`` (dotted path) by ``new``."""
     parent_name, _, child = name.rpartition(".")
@@ -95,9 +130,10 @@ def batch_gradients(
 class IndexedPruningMethod(PruningMethod):
     """A structured method that can say which indices it removed.
 
-    :meth:`prune_indices` prunes like :meth:`prune` and returns, per unit, the
-    removed indices numbered as before pruning: output channels of the group's
-    root layer, heads of an attention block or hidden neurons of an MLP.
+    :meth:`prune_indices` prunes like :meth:`prune` and returns, for every
+    requested unit, the removed indices numbered as before pruning: output
+    channels of the group's root layer, heads of an attention block or hidden
+    neurons of an MLP (empty for ratio 0 and for units inside a removed block).
     """
 
     @abc.abstractmethod

@@ -38,7 +38,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedLayerError
-from ._common import IndexedPruningMethod, check_ratio, count_to_remove, set_submodule, unknown_unit
+from ._common import (
+    IndexedPruningMethod,
+    check_ratio,
+    check_runs,
+    count_to_remove,
+    live_targets,
+    set_submodule,
+    unknown_unit,
+)
 from .base import PruneContext
 from .registry import register
 
@@ -327,6 +335,7 @@ class AttentionHeads(IndexedPruningMethod):
     def prune_indices(
         self, model: nn.Module, targets: Mapping[str, float], context: PruneContext
     ) -> dict[str, list[int]]:
+        requested, targets = list(targets), live_targets(model, targets)
         blocks, unsupported = scan_attention(model)
         allowed = self.candidates(model, context)
         plan: dict[str, int] = {}
@@ -354,7 +363,8 @@ class AttentionHeads(IndexedPruningMethod):
                 )  # fmt: skip
             removed[name] = self._slice(block, count)
         _mark_encoders(model)
-        return removed
+        check_runs(self.name, model, context, [name for name, heads in removed.items() if heads])
+        return {name: removed.get(name, []) for name in requested}
 
     @staticmethod
     def head_scores(block: HeadBlock) -> torch.Tensor:
@@ -437,6 +447,7 @@ class MLPNeurons(IndexedPruningMethod):
     def prune_indices(
         self, model: nn.Module, targets: Mapping[str, float], context: PruneContext
     ) -> dict[str, list[int]]:
+        requested, targets = list(targets), live_targets(model, targets)
         units = scan_mlps(model)
         allowed = self.candidates(model, context)
         plan: dict[str, int] = {}
@@ -461,7 +472,8 @@ class MLPNeurons(IndexedPruningMethod):
                         _keep_rows(lin, keep)
                 _keep_columns(unit.down, keep)
             removed[name] = drop
-        return removed
+        check_runs(self.name, model, context, [name for name, drop in removed.items() if drop])
+        return {name: removed.get(name, []) for name in requested}
 
     @staticmethod
     def neuron_scores(unit: MLPUnit) -> torch.Tensor:

@@ -18,7 +18,8 @@ when
 ``prune`` replaces each target with ratio >= 0.5 by :class:`RemovedBlock` (an
 ``nn.Identity`` that also accepts and ignores extra arguments, as
 ``nn.TransformerEncoder`` passes masks to its layers); ratios below 0.5 leave the
-block in place. Module names of everything else stay the same.
+block in place. Module names of everything else stay the same; units of the
+other families that lay inside a removed block are skipped by those methods.
 """
 
 from __future__ import annotations
@@ -31,16 +32,11 @@ from torch import nn
 from torch.autograd.graph import Node, get_gradient_edge
 
 from ..errors import AutopruneError
-from ._common import preserved_modes, set_submodule, unknown_unit
+from ._common import RemovedBlock, preserved_modes, set_submodule, unknown_unit
 from .base import PruneContext, PruningMethod
 from .registry import register
 
-
-class RemovedBlock(nn.Identity):
-    """Returns its first argument unchanged and ignores any other arguments."""
-
-    def forward(self, input: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        return input
+__all__ = ["RemoveBlock", "RemovedBlock", "find_blocks"]
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:

@@ -38,7 +38,9 @@ from ._common import (
     IndexedPruningMethod,
     batch_gradients,
     check_ratio,
+    check_runs,
     count_to_remove,
+    live_targets,
     preserved_modes,
     unknown_unit,
 )
@@ -129,6 +131,7 @@ class StructuredMethod(IndexedPruningMethod):
     def prune_indices(
         self, model: nn.Module, targets: Mapping[str, float], context: PruneContext
     ) -> dict[str, list[int]]:
+        requested, targets = list(targets), live_targets(model, targets)
         modules = dict(model.named_modules())
         names_of = {module: name for name, module in modules.items()}
         for name, ratio in targets.items():
@@ -154,7 +157,7 @@ class StructuredMethod(IndexedPruningMethod):
             groups = scan_groups(pruner.DG, model, pruner.ignored_layers, self.needs_batchnorm)
             counts = self._plan(model, groups, targets, context)
             if not counts:
-                return {name: [] for name in targets}
+                return {name: [] for name in requested}
             # Exact counts: the pruner keeps int(C * (1 - r)) channels, so r = (n - 0.5) / C keeps C - n.
             for module in ratio_dict:
                 name = names_of[module]
@@ -170,7 +173,8 @@ class StructuredMethod(IndexedPruningMethod):
                     f"{self.name}: Torch-Pruning removed {reached} of {groups[name].channels} channels of "
                     f"group {name!r} instead of the planned {count}"
                 )
-        return {name: removed.get(name, []) for name in targets}
+        check_runs(self.name, model, context, list(counts))
+        return {name: removed.get(name, []) for name in requested}
 
     def _plan(
         self,

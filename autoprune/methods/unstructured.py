@@ -28,7 +28,7 @@ from torch.nn.utils import prune as torch_prune
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import AutopruneError
-from ._common import batch_gradients, check_ratio, unknown_unit
+from ._common import batch_gradients, check_ratio, live_targets, unknown_unit
 from .base import PruneContext, PruningMethod
 from .registry import register
 
@@ -59,6 +59,7 @@ class UnstructuredMethod(PruningMethod):
         return list(prunable_layers(model, context.protected))
 
     def prune(self, model: nn.Module, targets: Mapping[str, float], context: PruneContext) -> None:
+        targets = live_targets(model, targets)
         layers = prunable_layers(model, context.protected)
         counts: dict[str, int] = {}
         for name, ratio in targets.items():
