@@ -143,6 +143,9 @@ def export(config: ConfigArg,
 
 def main() -> None:
     # MLflow and alembic announce every table they create; users want the search's own output.
+    # MLflow sets its loggers' levels when imported, so import it first.
+    import mlflow  # noqa: F401
+
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     app()
