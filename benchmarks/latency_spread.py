@@ -108,7 +108,7 @@ def summary(values: list[float]) -> tuple[float, float, float, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=12, help="measurements per series")
+    parser.add_argument("--repeats", type=int, default=10, help="measurements per series")
     parser.add_argument("--loads", type=int, nargs="+", default=[1, 2], help="numbers of load processes")
     parser.add_argument("--min-run-time", type=float, default=0.1, help="time_model min_run_time (s)")
     parser.add_argument("--rounds", type=int, default=5, help="honest_latency_ms rounds")
