@@ -148,11 +148,18 @@ def count_macs(model: nn.Module, example_inputs: Tensor) -> int:
     weights are still counted, which is the true cost for dense kernels; only structured pruning
     (smaller shapes) lowers it.  Operators FlopCounterMode does not know (e.g. elementwise ops,
     pooling, normalisation) count as zero.  Runs in eval mode under ``no_grad``, so BatchNorm
-    running statistics are not touched; the training flags are restored.
+    running statistics are not touched; the training flags are restored.  PyTorch's fused
+    multi-head-attention "fast path" (taken in eval mode under ``no_grad``) is invisible to the
+    counter, so it is switched off while counting.
     """
     counter = FlopCounterMode(display=False)
-    with _eval_mode(model), torch.no_grad(), counter:
-        model(example_inputs)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with _eval_mode(model), torch.no_grad(), counter:
+            model(example_inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return int(counter.get_total_flops()) // 2
 
 

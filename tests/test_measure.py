@@ -145,3 +145,13 @@ def test_reference_latency_is_lowest_median() -> None:
     assert 0 < ref < 10.0
     with pytest.raises(ValueError, match="repeats"):
         reference_latency_ms(tiny, x, repeats=0)
+
+
+def test_count_macs_sees_transformer_attention() -> None:
+    """The fused MHA fast path would hide attention from the counter; with it off, matmuls are counted."""
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    x = torch.randn(1, 5, 16)
+    macs = count_macs(layer, x)
+    # q/k/v + out projections (4 * 5 * 16 * 16) and the two FFN linears (2 * 5 * 16 * 32) at least
+    assert macs >= 4 * 5 * 16 * 16 + 2 * 5 * 16 * 32
+    assert torch.backends.mha.get_fastpath_enabled()
