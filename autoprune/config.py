@@ -36,6 +36,8 @@ class StudyConfig(_Strict):
     seed: int = 0
     baselines: list[float] = Field(default_factory=list)
     """Uniform sparsities enqueued first, with the first configured method, as trivial baselines."""
+    db_url: str | None = None
+    """autoprune's own database (registry of searches); default: ``sqlite:///<work_dir>/autoprune.db``."""
 
 
 class PretrainConfig(_Strict):

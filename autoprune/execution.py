@@ -4,12 +4,21 @@ The only module that imports Ray. Both executors take the same inputs and give
 back, per trial number, either a :class:`~autoprune.trial.TrialOutput` or the
 reason it failed, so the search loop does not care where trials ran. The dense
 model, the data and the settings are put in Ray's object store once.
+
+On a cluster (``execution.address``) each trial asks Ray for
+``cpus_per_trial`` CPUs, ``gpus_per_trial`` GPUs and ``memory_per_trial_mb``
+of memory; the user's factory modules travel to every node through the job's
+``runtime_env`` (``py_modules``). A worker that dies mid-trial (killed, out of
+memory, node lost) is retried by Ray up to ``max_retries`` times; a trial that
+raises is not retried. Each result says where it ran (:attr:`placements`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +32,8 @@ from .plan import Plan
 from .trial import Batches, DenseBaseline, TrialOutput, TrialSettings, run_trial
 
 Outcome = TrialOutput | str  # a string is the failure reason
+
+log = logging.getLogger("autoprune")
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,9 @@ def failure_reason(exc: BaseException) -> str:
 
 
 class Executor(Protocol):
+    placements: dict[int, dict[str, Any]]
+    """Where each finished trial ran (``node_id``, ``worker_pid``, ``modules``), by trial number."""
+
     def submit(self, number: int, plan: Plan) -> None: ...
 
     def wait(self) -> list[tuple[int, Outcome]]:
@@ -72,12 +86,14 @@ class InProcessExecutor:
     def __init__(self, payload: TrialPayload) -> None:
         self._payload = payload
         self._queue: list[tuple[int, Plan]] = []
+        self.placements: dict[int, dict[str, Any]] = {}
 
     def submit(self, number: int, plan: Plan) -> None:
         self._queue.append((number, plan))
 
     def wait(self) -> list[tuple[int, Outcome]]:
         number, plan = self._queue.pop(0)
+        self.placements[number] = {"node_id": "in-process", "worker_pid": os.getpid()}
         try:
             return [(number, execute(self._payload, plan))]
         except Exception as exc:
@@ -91,8 +107,16 @@ class InProcessExecutor:
         self._queue.clear()
 
 
-def _ray_trial(payload: TrialPayload, plan: Plan) -> TrialOutput:
-    return execute(payload, plan)
+def _ray_trial(payload: TrialPayload, plan: Plan, module_names: tuple[str, ...]) -> tuple[TrialOutput, dict]:
+    """The Ray task: run the trial and say where it ran (the trial itself stays torch-only)."""
+    import ray
+
+    where = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "worker_pid": os.getpid(),
+        "modules": {name: getattr(sys.modules.get(name), "__file__", None) for name in module_names},
+    }
+    return execute(payload, plan), where
 
 
 class RayExecutor:
@@ -113,6 +137,9 @@ class RayExecutor:
         import ray
 
         self._ray = ray
+        self.placements: dict[int, dict[str, Any]] = {}
+        self._module_names = tuple(m.__name__ for m in modules)
+        self._max_retries = max_retries
         runtime_env: dict[str, Any] = {}
         if modules:
             runtime_env["py_modules"] = list(modules)
@@ -134,17 +161,35 @@ class RayExecutor:
                 num_cpus = max(1, math.ceil(parallel * cpus_per_trial))
                 ray.init(num_cpus=num_cpus, num_gpus=math.ceil(parallel * gpus_per_trial) or None,
                          **init_kwargs)
-        options: dict[str, Any] = {"num_cpus": cpus_per_trial, "max_retries": max_retries}
+        # Worker deaths are retried up to max_retries; exceptions raised by the trial are not.
+        options: dict[str, Any] = {"num_cpus": cpus_per_trial, "max_retries": max_retries,
+                                   "retry_exceptions": False}
         if gpus_per_trial:
             options["num_gpus"] = gpus_per_trial
         if memory_per_trial_mb:
             options["memory"] = memory_per_trial_mb * 1024 * 1024
+        if not self._owns_ray and runtime_env:
+            options["runtime_env"] = runtime_env  # Ray was started by the caller, without our modules
+        self._check_resources(options, address)
         self._remote = ray.remote(_ray_trial).options(**options)
         self._payload_ref = ray.put(payload)
         self._pending: dict[Any, int] = {}
 
+    def _check_resources(self, options: dict[str, Any], address: str | None) -> None:
+        """Warn when no node of the cluster could ever run one trial (the task would wait forever)."""
+        wanted = {"CPU": options["num_cpus"], "GPU": options.get("num_gpus", 0),
+                  "memory": options.get("memory", 0)}
+        try:
+            nodes = [n.get("Resources", {}) for n in self._ray.nodes() if n.get("Alive")]
+        except Exception:
+            return
+        if nodes and not any(all(res.get(k, 0) >= v for k, v in wanted.items() if v) for res in nodes):
+            log.warning("no node of the Ray cluster %s has the resources of one trial (%s); trials wait "
+                        "until one joins (execution.cpus_per_trial / gpus_per_trial / memory_per_trial_mb)",
+                        address or "(local)", {k: v for k, v in wanted.items() if v})
+
     def submit(self, number: int, plan: Plan) -> None:
-        ref = self._remote.remote(self._payload_ref, plan)
+        ref = self._remote.remote(self._payload_ref, plan, self._module_names)
         self._pending[ref] = number
 
     def wait(self) -> list[tuple[int, Outcome]]:
@@ -153,11 +198,14 @@ class RayExecutor:
         for ref in ready:
             number = self._pending.pop(ref)
             try:
-                finished.append((number, self._ray.get(ref)))
+                output, where = self._ray.get(ref)
+                self.placements[number] = where
+                finished.append((number, output))
             except self._ray.exceptions.RayTaskError as exc:
                 finished.append((number, failure_reason(exc.cause if exc.cause else exc)))
-            except self._ray.exceptions.RayError as exc:  # worker or node died
-                finished.append((number, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"))
+            except self._ray.exceptions.RayError as exc:  # worker or node died, also after every retry
+                text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                finished.append((number, f"{type(exc).__name__}: {text} (attempts: {1 + self._max_retries})"))
         return finished
 
     @property

@@ -7,6 +7,7 @@ model trained (once per study, reused on resume) and the study created.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,8 +17,9 @@ import optuna
 import torch
 from torch import nn
 
-from . import model_files, pareto
+from . import db, model_files, pareto
 from .config import SearchConfig
+from .errors import StorageError
 from .execution import Executor, InProcessExecutor, RayExecutor, TrialPayload
 from .methods import PruneContext
 from .model_io import build_loaders, build_model, import_factory, load_checkpoint
@@ -27,13 +29,17 @@ from .space import SearchSpace, find_head
 from .study import (
     BASELINE_ATTR,
     DENSE_ATTR,
+    WORKER_ATTR,
+    Driver,
     counted_trials,
     create_study,
     ensure_absent,
+    ensure_distinct_stores,
     load_study,
     make_sampler,
     open_storage,
-    recover_stale_trials,
+    safe_snapshot,
+    snapshot_digest,
     tell_failure,
     tell_success,
 )
@@ -44,6 +50,8 @@ from .trial import Batches, DenseBaseline, TrialOutput, TrialSettings, measure_d
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 DENSE_FILE = "dense.pt"
+POLL_S = 2.0
+"""How often a driver with nothing in flight looks again at trials other drivers are running."""
 
 
 @dataclass(frozen=True)
@@ -180,50 +188,74 @@ class SearchSummary:
     recovered: list[int]
 
 
+def dense_checkpoint(config: SearchConfig) -> Path | None:
+    """The file the dense model comes from: the configured checkpoint, or the one pre-trained in the work dir."""
+    return config.checkpoint_path if config.model.pretrain is None else config.work_path / DENSE_FILE
+
+
 def run_search(config: SearchConfig, *, resume: bool = False,
                on_progress: ProgressCallback | None = None) -> SearchSummary:
-    """Run (or resume) the study of ``config`` until it holds ``study.n_trials`` finished trials."""
+    """Run (or resume) the study of ``config`` until it holds ``study.n_trials`` finished trials.
+
+    Other drivers may work on the same study at the same time (``autoprune resume`` with the same config,
+    from another process or machine, on a shared PostgreSQL storage): together they run ``n_trials``.
+    """
     inputs = build_inputs(config)
+    db_url = db.database_url(config)
+    ensure_distinct_stores(config.storage_url, config.tracking_uri, db_url)
     config.work_path.mkdir(parents=True, exist_ok=True)
     storage = open_storage(config.storage_url)
+    db.prepare(db_url)
     sampler = make_sampler(config.study.sampler, config.study.seed)
     if resume:
         study: optuna.Study | None = load_study(storage, config.study.name, sampler)
     else:
         ensure_absent(storage, config.study.name)
         study = None
+    snapshot = safe_snapshot(config.snapshot())  # passwords masked: stored in the study and logged to MLflow
     tracker = Tracker(config.tracking_uri, config.experiment_name,
                       artifact_location=None if config.tracking.uri else (config.work_path / "artifacts").as_uri())
     dense = ensure_dense(config, inputs)
     if study is None:
-        study = create_study(storage, config.study.name, sampler, config.snapshot(), config.digest())
+        study = create_study(storage, config.study.name, sampler, snapshot, snapshot_digest(snapshot))
         _enqueue_baselines(study, inputs.space, config.study.baselines, config.space.methods[0])
-    recovered = recover_stale_trials(study) if resume else []
-    baseline = _dense_baseline(study, dense, inputs)
-    parent_id = tracker.start_parent(config.study.name, config.snapshot(), asdict(baseline))
-    report = StudyReport(tracker, parent_id, config.study.name, baseline)
-    report.log_missing(study, inputs.space)
-    payload = TrialPayload(dense, inputs.train_loader, inputs.val_loader, inputs.settings, baseline,
-                           threads=max(1, int(config.execution.cpus_per_trial)))
-    executor = make_executor(config, payload, inputs.modules)
-    status = "FAILED"
+    driver = Driver(study).start()
     try:
-        _loop(config, study, inputs.space, executor, report, on_progress)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
+        recovered = driver.recover_stale() if resume else []
+        baseline = _dense_baseline(study, dense, inputs)
+        parent_id = tracker.start_parent(config.study.name, snapshot, asdict(baseline))
+        db.record_search(db_url, study_name=config.study.name, storage_url=config.storage_url, snapshot=snapshot,
+                         dense_checkpoint=dense_checkpoint(config), experiment_id=tracker.experiment_id,
+                         parent_run_id=parent_id)
+        report = StudyReport(tracker, parent_id, config.study.name, baseline)
+        if not driver.others_alive():  # a live driver logs its own trials; don't race it
+            report.log_missing(study, inputs.space)
+        payload = TrialPayload(dense, inputs.train_loader, inputs.val_loader, inputs.settings, baseline,
+                               threads=max(1, int(config.execution.cpus_per_trial)))
+        executor = make_executor(config, payload, inputs.modules)
+        status, storage_lost = "FAILED", False
+        try:
+            _loop(config, study, inputs.space, executor, report, on_progress, driver)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        except StorageError:
+            storage_lost = True
+            raise
+        finally:
+            executor.shutdown()
+            rows = [] if storage_lost else report.finalize(study)
+            report.finish(status)
     finally:
-        executor.shutdown()
-        rows = report.finalize(study)
-        report.finish(status)
+        driver.stop()
     states = [t.state for t in study.get_trials(deepcopy=False)]
     return SearchSummary(config.study.name, states.count(optuna.trial.TrialState.COMPLETE),
                          states.count(optuna.trial.TrialState.FAIL), rows, parent_id, baseline, recovered)
 
 
 def _loop(config: SearchConfig, study: optuna.Study, space: SearchSpace, executor: Executor,
-          report: StudyReport, on_progress: ProgressCallback | None) -> None:
+          report: StudyReport, on_progress: ProgressCallback | None, driver: Driver) -> None:
     target, parallel = config.study.n_trials, config.execution.parallel
     distributions = space.distributions()
     inflight: dict[int, tuple[optuna.Trial, Plan]] = {}
@@ -236,23 +268,40 @@ def _loop(config: SearchConfig, study: optuna.Study, space: SearchSpace, executo
 
     progress("starting")
     while True:
-        while executor.running < parallel and counted_trials(study) + executor.running < target:
-            trial = study.ask(distributions)
+        while executor.running < parallel:
+            trial = driver.ask(distributions, target)  # None: finished + running trials (all drivers) fill it
+            if trial is None:
+                break
             plan = space.decode(trial.params)
             inflight[trial.number] = (trial, plan)
             executor.submit(trial.number, plan)
         if executor.running == 0:
-            break
+            if counted_trials(study) >= target:
+                break
+            # The rest of the budget is held by other drivers' running trials: wait for them, or take over
+            # those of a driver that is gone.
+            recovered = driver.recover_stale()
+            if recovered:
+                progress(f"re-enqueued trials left running by a stopped driver: {recovered}")
+            elif driver.others_running() == 0:
+                break
+            else:
+                time.sleep(POLL_S)
+            continue
         for number, outcome in executor.wait():
             trial, plan = inflight.pop(number)
+            where = executor.placements.pop(number, None)
+            attrs = {WORKER_ATTR: where} if where else {}
             if isinstance(outcome, str):
                 failed += 1
-                tell_failure(study, trial, outcome)
+                if not tell_failure(study, trial, outcome, attrs):
+                    continue  # another driver took the trial over as stale; its copy runs instead
                 front_size = report.trial_finished(study, number, plan, trial.user_attrs, None, outcome)
                 message = f"trial {number} failed: {outcome.splitlines()[-1][:120]}"
             else:
+                if not tell_success(study, trial, outcome.result, attrs):
+                    continue
                 _store_files(config, number, outcome)
-                tell_success(study, trial, outcome.result)
                 front_size = report.trial_finished(study, number, plan, trial.user_attrs, outcome.result, None)
                 r = outcome.result
                 message = (f"trial {number}: accuracy {r.accuracy:.4f}, size {r.size_bytes:,} B, "

@@ -1,0 +1,1 @@
+"""alembic environment and revisions of autoprune's own tables (shipped inside the package)."""
