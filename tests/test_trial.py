@@ -19,7 +19,7 @@ from autoprune.trial import TrialSettings, measure_dense, run_trial
 
 
 @pytest.fixture
-def tiny(tiny_project: Path):  # noqa: ANN201
+def tiny(tiny_project: Path):
     sys.path.insert(0, str(tiny_project.parent))
     module = importlib.import_module("tinymod")
     yield module
@@ -27,7 +27,7 @@ def tiny(tiny_project: Path):  # noqa: ANN201
     sys.modules.pop("tinymod", None)
 
 
-def test_unstructured_trial_reaches_sparsity_and_shrinks_file(tiny) -> None:  # noqa: ANN001
+def test_unstructured_trial_reaches_sparsity_and_shrinks_file(tiny) -> None:
     torch.manual_seed(0)
     dense = tiny.make_model()
     train_loader, val_loader = tiny.make_loaders()
@@ -48,7 +48,7 @@ def test_unstructured_trial_reaches_sparsity_and_shrinks_file(tiny) -> None:  # 
     assert dense.conv2.weight.count_nonzero() == conv2  # the dense model was not touched
 
 
-def test_structured_trial_shrinks_model(tiny) -> None:  # noqa: ANN001
+def test_structured_trial_shrinks_model(tiny) -> None:
     torch.manual_seed(0)
     dense = tiny.make_model()
     train_loader, val_loader = tiny.make_loaders()
