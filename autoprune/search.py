@@ -177,6 +177,17 @@ def _enqueue_baselines(study: optuna.Study, space: SearchSpace, sparsities: list
                             user_attrs={BASELINE_ATTR: f"uniform {method} {sparsity:g}"})
 
 
+def _enqueue_sensitivity(study: optuna.Study, space: SearchSpace, config: SearchConfig) -> None:
+    """Seed a new study from ``<work_dir>/sensitivity.json`` (``autoprune sensitivity``), if there is one."""
+    from .sensitivity import SENSITIVITY_ATTR, seed_trials
+
+    seeds = seed_trials(config, space)
+    for label, params in seeds:
+        study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label})
+    if seeds:
+        study.set_user_attr(SENSITIVITY_ATTR, [label for label, _ in seeds])
+
+
 @dataclass(frozen=True)
 class SearchSummary:
     study_name: str
@@ -218,6 +229,7 @@ def run_search(config: SearchConfig, *, resume: bool = False,
     dense = ensure_dense(config, inputs)
     if study is None:
         study = create_study(storage, config.study.name, sampler, snapshot, snapshot_digest(snapshot))
+        _enqueue_sensitivity(study, inputs.space, config)
         _enqueue_baselines(study, inputs.space, config.study.baselines, config.space.methods[0])
     driver = Driver(study).start()
     try:
