@@ -59,6 +59,7 @@ def _search(config_path: Path, overrides: list[str] | None, resume: bool) -> Non
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .search import run_search
+    from .study import safe_url
 
     config = _load(config_path, overrides)
     out.print(f"study [bold]{config.study.name}[/]: {config.study.n_trials} trials, work dir {config.work_path}")
@@ -76,7 +77,7 @@ def _search(config_path: Path, overrides: list[str] | None, resume: bool) -> Non
     if summary.recovered:
         out.print(f"re-enqueued trials left running by a stopped driver: {summary.recovered}")
     out.print(f"done: {summary.completed} complete, {summary.failed} failed; MLflow parent run "
-              f"{summary.parent_run_id} in {config.tracking_uri}")
+              f"{summary.parent_run_id} in {safe_url(config.tracking_uri)}")
     _print_front(summary.front, summary.dense.accuracy)
 
 

@@ -241,6 +241,7 @@ def run_search(config: SearchConfig, *, resume: bool = False,
                          parent_run_id=parent_id)
         report = StudyReport(tracker, parent_id, config.study.name, baseline)
         if not driver.others_alive():  # a live driver logs its own trials; don't race it
+            _drop_half_logged_runs(tracker, parent_id)
             report.log_missing(study, inputs.space)
         payload = TrialPayload(dense, inputs.train_loader, inputs.val_loader, inputs.settings, baseline,
                                threads=max(1, int(config.execution.cpus_per_trial)))
@@ -266,6 +267,18 @@ def run_search(config: SearchConfig, *, resume: bool = False,
                          states.count(optuna.trial.TrialState.FAIL), rows, parent_id, baseline, recovered)
 
 
+def _drop_half_logged_runs(tracker: Tracker, parent_id: str) -> list[str]:
+    """Delete the trial runs a killed driver left RUNNING (killed between MLflow's create_run and the end of
+    its logging), so that the trial is logged again, once and whole, instead of twice."""
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id], max_results=50000,
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'")
+    dropped = [run.info.run_id for run in runs if "autoprune.trial" in run.data.tags]
+    for run_id in dropped:
+        tracker.client.delete_run(run_id)
+    return dropped
+
+
 def _loop(config: SearchConfig, study: optuna.Study, space: SearchSpace, executor: Executor,
           report: StudyReport, on_progress: ProgressCallback | None, driver: Driver) -> None:
     target, parallel = config.study.n_trials, config.execution.parallel
@@ -289,6 +302,7 @@ def _loop(config: SearchConfig, study: optuna.Study, space: SearchSpace, executo
             executor.submit(trial.number, plan)
         if executor.running == 0:
             if counted_trials(study) >= target:
+                progress()
                 break
             # The rest of the budget is held by other drivers' running trials: wait for them, or take over
             # those of a driver that is gone.

@@ -187,8 +187,17 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def _first_line(exc: BaseException, url: str) -> str:
+    """The first line of the root database error (Optuna wraps it in a misleading 'invalid data' message)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sa_exc.DBAPIError) and current.orig is not None:
+            exc = current.orig
+            break
+        current = current.__cause__ or current.__context__
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text.replace(url, safe_url(url))
+    return f"{type(exc).__name__}: {text.replace(url, safe_url(url))}"
 
 
 def call_with_retries(fn: Callable[[], T], url: str, what: str, retry_s: float = STORAGE_RETRY_S) -> T:
