@@ -97,6 +97,37 @@ class SpaceConfig(_Strict):
     round_to: int | None = Field(None, ge=1)
     calibration_batches: int = Field(2, ge=0)
     quantize: Literal["never", "search", "always"] = "never"
+    """int8 dynamic quantization of Linear layers after fine-tuning: never, a yes/no search choice, or always."""
+    schedules: list[Literal["oneshot", "iterative"]] = Field(default_factory=lambda: ["oneshot"], min_length=1)
+    """Pruning schedules to choose from; more than one makes ``schedule`` a search choice."""
+    iterative_rounds: int = Field(3, ge=2, le=100)
+    """Prune/fine-tune rounds of the iterative schedule (cubic AGP sparsities; same total fine-tuning)."""
+    rewind: Literal["never", "search", "always"] = "never"
+    """Lottery-ticket rewinding: reset surviving weights to early values before fine-tuning."""
+    rewind_epoch: int = Field(1, ge=0)
+    """The rewind point: weights after this many epochs of ``model.pretrain`` (0: initial weights)."""
+    rewind_checkpoint: Path | None = None
+    """Early weights as a state_dict (instead of ``rewind_epoch``; needed with ``model.checkpoint``)."""
+
+    @field_validator("schedules")
+    @classmethod
+    def _unique_schedules(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"expected each schedule once, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _schedulable_methods(self) -> SpaceConfig:
+        if "iterative" in self.schedules or self.rewind != "never":
+            from .schedule import supports_iterative
+
+            unsupported = [m for m in self.methods if not supports_iterative(m)]
+            if unsupported:
+                raise ValueError(f"methods {unsupported} support neither iterative schedules nor rewinding; "
+                                 "use schedules: [oneshot] and rewind: never with them")
+        if self.rewind_checkpoint is not None and self.rewind == "never":
+            raise ValueError("rewind_checkpoint is given but rewind is 'never'")
+        return self
 
     @field_validator("methods")
     @classmethod

@@ -9,13 +9,16 @@ Depends on torch only.  A saved model is a directory with two files:
     ``nn.Identity`` or swaps attention modules, so the class's default constructor cannot
     rebuild a pruned model; the skeleton records exactly what is there.
 
-Weights file format (version 1)
+Weights file format (version 2)
 -------------------------------
 ``torch.save`` of a plain dict, loadable with ``torch.load(path, weights_only=True)``::
 
     {"format": "autoprune.sparse_state_dict",
-     "version": 1,
+     "version": 2,
      "tensors": {name: entry, ...}}          # in state-dict order
+
+Version 2 adds the quantized entry below; files of version 1 (no quantized entries) are
+still read.
 
 Each ``entry`` is one of:
 
@@ -32,14 +35,23 @@ Each ``entry`` is one of:
   multiplies by its mask, so about half of the pruned weights are ``-0.0``.  All other values
   round-trip bit-exactly;
 * ``{"alias": other_name}`` -- the tensor is the very same tensor as an earlier entry (tied
-  weights), stored once.
+  weights), stored once;
+* ``{"quantized": "torch.qint8", "qscheme": "per_tensor_affine", "scale": float64 Tensor,
+  "zero_point": int64 Tensor, "int_repr": entry}`` -- a quantized tensor (``qint8``, ``quint8``
+  or ``qint32``; per-tensor, or ``"per_channel_affine"`` with 1-D ``scale`` / ``zero_point``
+  and an ``"axis"``).  ``int_repr`` holds its integers (``Tensor.int_repr()``: int8 for
+  qint8) as a dense tensor or a sparse entry as above, so integer zeros cost one bit.
+  autoprune quantizes with symmetric qint8 (zero point 0), where the integer 0 is exactly the
+  float 0.0: unstructured-pruned zeros stay one bit each.  Rebuilt bit-exactly with
+  ``torch._make_per_tensor_quantized_tensor`` / ``torch._make_per_channel_quantized_tensor``.
 
 A tensor is stored sparsely only when that is smaller: when
 ``ceil(numel / 8) + nnz * itemsize + SPARSE_OVERHEAD_BYTES < numel * itemsize``, where
 ``SPARSE_OVERHEAD_BYTES`` covers the extra storage record ``torch.save`` writes.  So a dense
 (or structured-pruned) tensor costs what it would in a plain ``torch.save`` of the state dict,
-and a 90 %-zero float32 tensor costs about 1/8 + 1/10 of its dense size.  Sparse tensors,
-quantized tensors and dtypes that cannot be compared with 0 are always stored densely.
+and a 90 %-zero float32 tensor costs about 1/8 + 1/10 of its dense size (a 90 %-zero int8
+``int_repr`` about 1/8 + 1/10 of its int8 size).  Sparse-layout tensors and dtypes that cannot
+be compared with 0 are always stored densely.
 
 Skeletons
 ---------
@@ -55,6 +67,19 @@ non-persistent buffers keep their values) and then loads the weights with
 Non-persistent buffers (``register_buffer(..., persistent=False)``) are not in the state dict:
 they are kept *with their data* in the skeleton (and so counted in ``skeleton_bytes``).  Other
 plain tensor attributes of modules are pickled with their data in the skeleton too.
+
+Int8 dynamically quantized Linear layers (``torch.ao.nn.quantized.dynamic.Linear``, what
+:func:`autoprune.quantize.quantize_model` makes) keep their weights in packed parameters, which
+neither a state dict entry (``_packed_params`` is a tuple, its ``dtype`` a ``torch.dtype``) nor
+the meta device can hold.  ``save_model`` therefore writes, for each such layer ``L``, the
+entries ``L.weight`` (a quantized entry: int8 + scale + zero point) and ``L.bias`` (float32, when
+the layer has one) into the weights file, and puts a
+:class:`~autoprune.quantize.QuantizedLinearSlot` (sizes only, no data) in the skeleton;
+``load_model`` loads everything else with ``strict=True`` and then replaces each slot by a quantized
+Linear rebuilt from those two entries, so the reloaded model computes exactly what the quantized
+model did.  (The unused output ``scale``/``zero_point`` of a dynamic layer are not stored; they keep
+their defaults 1.0 / 0.)  Only ``qint8`` dynamic Linear layers are supported; other quantized
+modules (static, float16 dynamic) make ``save_model`` raise ``TypeError``.
 
 Not supported (``save_model`` raises ``ValueError``): modules still carrying
 ``torch.nn.utils.prune`` re-parametrisation hooks or ``torch.nn.utils.parametrize``
@@ -75,9 +100,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
+from . import quantize
+
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "SKELETON_FILE",
     "SPARSE_OVERHEAD_BYTES",
     "WEIGHTS_FILE",
@@ -90,7 +118,8 @@ __all__ = [
 ]
 
 FORMAT = "autoprune.sparse_state_dict"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 WEIGHTS_FILE = "weights.pt"
 SKELETON_FILE = "skeleton.pt"
 # Extra bytes torch.save writes for a sparse entry compared with a dense one (one more storage
@@ -130,9 +159,54 @@ def _dense_copy(t: Tensor) -> Tensor:
     return t
 
 
+_PER_TENSOR = (torch.per_tensor_affine, torch.per_tensor_symmetric)
+_PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric)
+
+
+def _encode_quantized(t: Tensor) -> dict[str, object]:
+    t = t.detach().to("cpu")
+    scheme = t.qscheme()
+    entry: dict[str, object] = {"quantized": str(t.dtype)}
+    if scheme in _PER_TENSOR:
+        entry.update(qscheme="per_tensor_affine", scale=torch.tensor(t.q_scale(), dtype=torch.float64),
+                     zero_point=torch.tensor(t.q_zero_point(), dtype=torch.int64))
+    elif scheme in _PER_CHANNEL:
+        entry.update(qscheme="per_channel_affine", scale=t.q_per_channel_scales().to(torch.float64).clone(),
+                     zero_point=t.q_per_channel_zero_points().to(torch.int64).clone(),
+                     axis=int(t.q_per_channel_axis()))
+    else:
+        raise TypeError(f"quantized tensor with qscheme {scheme} cannot be saved")
+    entry["int_repr"] = _encode(t.int_repr())
+    return entry
+
+
+def _decode_quantized(name: str, entry: dict[str, object]) -> Tensor:
+    try:
+        dtype_name, scheme, scale, zero_point = (entry["quantized"], entry["qscheme"], entry["scale"],
+                                                 entry["zero_point"])
+        ints = entry["int_repr"]
+    except KeyError as exc:
+        raise ValueError(f"weights entry {name!r}: malformed quantized entry") from exc
+    ints = _decode(name, ints) if isinstance(ints, dict) else ints
+    if not isinstance(ints, Tensor) or not isinstance(scale, Tensor) or not isinstance(zero_point, Tensor):
+        raise ValueError(f"weights entry {name!r}: malformed quantized entry")
+    with quantize.quiet():
+        if scheme == "per_tensor_affine":
+            q = torch._make_per_tensor_quantized_tensor(ints, float(scale), int(zero_point))
+        elif scheme == "per_channel_affine":
+            q = torch._make_per_channel_quantized_tensor(ints, scale, zero_point, int(entry["axis"]))
+        else:
+            raise ValueError(f"weights entry {name!r}: unknown qscheme {scheme!r}")
+    if str(q.dtype) != dtype_name:
+        raise ValueError(f"weights entry {name!r}: integers of dtype {ints.dtype} make {q.dtype}, not {dtype_name}")
+    return q
+
+
 def _encode(t: Tensor) -> Tensor | dict[str, object]:
+    if t.is_quantized:
+        return _encode_quantized(t)
     dense = _dense_copy(t)
-    if dense.layout != torch.strided or dense.is_quantized or dense.numel() == 0:
+    if dense.layout != torch.strided or dense.numel() == 0:
         return dense
     try:
         nonzero = dense.reshape(-1) != 0
@@ -225,7 +299,7 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path}: not an autoprune weights file")
-    if blob.get("version") != FORMAT_VERSION:
+    if blob.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"{path}: unsupported weights format version {blob.get('version')!r}")
     out: dict[str, Tensor] = {}
     for name, entry in blob["tensors"].items():
@@ -236,6 +310,8 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             if target not in out:
                 raise ValueError(f"{path}: entry {name!r} aliases unknown entry {target!r}")
             out[name] = out[target]
+        elif isinstance(entry, dict) and "quantized" in entry:
+            out[name] = _decode_quantized(name, entry)
         elif isinstance(entry, dict):
             out[name] = _decode(name, entry)
         else:
@@ -276,9 +352,59 @@ def _check_saveable(model: nn.Module) -> None:
             )
 
 
-def _meta_skeleton(model: nn.Module) -> nn.Module:
-    """Deep copy of ``model`` with parameters and persistent buffers on ``meta``; ties kept."""
+def _quantized_slots(model: nn.Module) -> dict[str, quantize.QuantizedLinearSlot]:
+    """A :class:`~autoprune.quantize.QuantizedLinearSlot` for each quantized Linear, by module name."""
+    slots = {}
+    for name, module in model.named_modules():
+        if quantize.is_quantized_linear(module):
+            weight, bias = module._weight_bias()
+            if weight.dtype != torch.qint8:
+                raise TypeError(f"module {name or '<root>'!r}: only qint8 dynamic quantized Linear layers can be "
+                                f"saved, not {weight.dtype}")
+            slots[name] = quantize.QuantizedLinearSlot(module.in_features, module.out_features, bias is not None,
+                                                       str(weight.dtype))
+        elif module.__class__.__module__.startswith("torch.ao.nn.quantized") and not any(
+            name.startswith(f"{slot}.") for slot in slots
+        ):
+            raise TypeError(f"module {name or '<root>'!r}: {type(module).__name__} cannot be saved; only int8 "
+                            "dynamic quantized Linear layers are supported")
+    return slots
+
+
+def _saveable_state(model: nn.Module, slots: Mapping[str, nn.Module]) -> dict[str, Tensor]:
+    """``model.state_dict()`` with each quantized Linear's packed entries replaced by ``weight`` / ``bias``."""
+    state = model.state_dict()
+    if not slots:
+        return state
+    modules = dict(model.named_modules())
+    prefixes = {name: f"{name}." if name else "" for name in slots}
+    out: dict[str, Tensor] = {}
+    done: set[str] = set()
+    for key, value in state.items():
+        owner = next((name for name, prefix in prefixes.items() if key.startswith(prefix)), None)
+        if owner is None:
+            out[key] = value
+            continue
+        if owner not in done:
+            weight, bias = modules[owner]._weight_bias()
+            out[prefixes[owner] + "weight"] = weight
+            if bias is not None:
+                out[prefixes[owner] + "bias"] = bias.detach()
+            done.add(owner)
+    return out
+
+
+def _meta_skeleton(model: nn.Module, slots: Mapping[str, nn.Module] | None = None) -> nn.Module:
+    """Deep copy of ``model`` with parameters and persistent buffers on ``meta``; ties kept.
+
+    Modules named in ``slots`` are replaced by the given placeholder (quantized layers).
+    """
     memo: dict[int, object] = {}
+    modules = dict(model.named_modules())
+    for name, slot in (slots or {}).items():
+        if not name:
+            raise TypeError("the whole model is a quantized Linear layer; wrap it in a container to save it")
+        memo[id(modules[name])] = slot
     for module in model.modules():
         for p in module._parameters.values():
             if p is not None and id(p) not in memo:
@@ -319,9 +445,10 @@ def save_model(model: nn.Module, directory: str | os.PathLike[str]) -> ModelFile
     directory = Path(directory)
     weights_path = directory / WEIGHTS_FILE
     skeleton_path = directory / SKELETON_FILE
-    skeleton = _meta_skeleton(model)
+    slots = _quantized_slots(model)
+    skeleton = _meta_skeleton(model, slots)
     skeleton_bytes = _atomic_torch_save(skeleton, skeleton_path)
-    weights_bytes = save_weights(model.state_dict(), weights_path)
+    weights_bytes = save_weights(_saveable_state(model, slots), weights_path)
     return ModelFiles(
         weights_path=weights_path,
         skeleton_path=skeleton_path,
@@ -340,10 +467,22 @@ def load_model(directory: str | os.PathLike[str]) -> nn.Module:
     if not isinstance(skeleton, nn.Module):
         raise TypeError(f"{directory / SKELETON_FILE}: not a pickled nn.Module")
     _materialize(skeleton)
-    skeleton.load_state_dict(load_weights(directory / WEIGHTS_FILE), strict=True)
+    weights = load_weights(directory / WEIGHTS_FILE)
+    slots = {name: m for name, m in skeleton.named_modules() if isinstance(m, quantize.QuantizedLinearSlot)}
+    layers = {}
+    for name, slot in slots.items():
+        weight = weights.pop(f"{name}.weight", None)
+        bias = weights.pop(f"{name}.bias", None)
+        if weight is None or not weight.is_quantized:
+            raise ValueError(f"{directory}: quantized layer {name!r} has no quantized weight in the weights file")
+        layers[name] = slot.build(weight, bias)
+    skeleton.load_state_dict(weights, strict=True)
     leftover = [n for n, t in [*skeleton.named_parameters(), *skeleton.named_buffers()] if t.is_meta]
     if leftover:
         raise ValueError(f"{directory}: tensors missing from the weights file: {leftover}")
+    for name, layer in layers.items():
+        parent, _, child = name.rpartition(".")
+        setattr(skeleton.get_submodule(parent) if parent else skeleton, child, layer)
     return skeleton.eval()
 
 

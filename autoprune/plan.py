@@ -23,12 +23,31 @@ class LayerPlan:
     sparsity: float
 
 
+SCHEDULES = ("oneshot", "iterative")
+
+
 @dataclass(frozen=True)
 class Plan:
-    """A complete pruning recipe for one trial."""
+    """A complete pruning recipe for one trial.
+
+    ``schedule``: ``"oneshot"`` prunes to the layers' sparsities at once and fine-tunes;
+    ``"iterative"`` reaches them in ``rounds`` prune/fine-tune rounds on the cubic AGP schedule
+    (:mod:`autoprune.schedule`). ``rewind``: after each pruning step the surviving weights are
+    reset to their early (rewind-point) values before fine-tuning (lottery-ticket rewinding).
+    ``quantize``: int8 dynamic quantization of Linear layers after fine-tuning.
+    """
 
     layers: tuple[LayerPlan, ...]
     quantize: bool = False
+    schedule: str = "oneshot"
+    rounds: int = 1
+    rewind: bool = False
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.rounds < 1 or (self.schedule == "oneshot" and self.rounds != 1):
+            raise ValueError(f"rounds must be 1 for a one-shot schedule and >= 1 otherwise, got {self.rounds}")
 
     def as_params(self) -> dict[str, str | float]:
         """Flat ``{name: value}`` view, used for MLflow params and tables."""
@@ -37,6 +56,9 @@ class Plan:
             params[f"{item.layer}.method"] = item.method
             params[f"{item.layer}.sparsity"] = round(item.sparsity, 6)
         params["quantize"] = str(self.quantize)
+        params["schedule"] = self.schedule
+        params["rounds"] = self.rounds
+        params["rewind"] = str(self.rewind)
         return params
 
 

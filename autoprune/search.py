@@ -7,9 +7,10 @@ model trained (once per study, reused on resume) and the study created.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -100,6 +101,7 @@ def build_inputs(config: SearchConfig) -> Inputs:
         from .errors import ConfigError
 
         raise ConfigError(f"field 'space.head': no module named {head!r} in the model")
+    rewind_state = _rewind_checkpoint_state(config, model)
     settings = TrialSettings(
         finetune=TrainSettings(**config.finetune.model_dump()),
         protected=frozenset({head}),
@@ -111,6 +113,7 @@ def build_inputs(config: SearchConfig) -> Inputs:
         round_to=config.space.round_to,
         calibration_batches=config.space.calibration_batches,
         seed=config.study.seed,
+        rewind_state=rewind_state,
     )
     example = next(iter(val_loader))[0][:1]
     context = PruneContext(example_inputs=example, protected=settings.protected,
@@ -118,24 +121,93 @@ def build_inputs(config: SearchConfig) -> Inputs:
     sparsity = config.space.sparsity
     space = SearchSpace.from_model(model, context, config.space.methods, config.space.include,
                                    config.space.exclude, low=sparsity.low, high=sparsity.high,
-                                   step=sparsity.step, quantize=config.space.quantize)
+                                   step=sparsity.step, quantize=config.space.quantize,
+                                   schedules=tuple(config.space.schedules),
+                                   iterative_rounds=config.space.iterative_rounds, rewind=config.space.rewind)
     modules = list({m.__name__: m for m in (model_module, data_module) if _user_module(m)}.values())
     return Inputs(model, train_loader, val_loader, space, settings, modules)
 
 
+def _rewind_checkpoint_state(config: SearchConfig, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Early weights from ``space.rewind_checkpoint``; checks that rewinding has a source of early weights."""
+    from .errors import ConfigError
+
+    space = config.space
+    if space.rewind == "never":
+        return None
+    if space.rewind_checkpoint is not None:
+        early = copy.deepcopy(model)
+        load_checkpoint(early, (config.base_dir / space.rewind_checkpoint).resolve(), field="space.rewind_checkpoint")
+        return _clone_state(early)
+    if config.model.pretrain is None:
+        raise ConfigError(f"field 'space.rewind': rewinding ({space.rewind!r}) needs early weights: pre-train the "
+                          "model here (model.pretrain) or give them as space.rewind_checkpoint")
+    if space.rewind_epoch >= config.model.pretrain.epochs:
+        raise ConfigError(f"field 'space.rewind_epoch': expected fewer than model.pretrain.epochs="
+                          f"{config.model.pretrain.epochs} epochs, got {space.rewind_epoch}")
+    return None  # taken during pre-training by ensure_dense
+
+
+def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def rewind_file(config: SearchConfig) -> Path:
+    """Where pre-training keeps the weights of the rewind point (beside the dense model)."""
+    return config.work_path / f"dense_epoch{config.space.rewind_epoch}.pt"
+
+
 def ensure_dense(config: SearchConfig, inputs: Inputs) -> nn.Module:
-    """The trained dense model: from the checkpoint, or pre-trained once and kept in the work dir."""
+    """The trained dense model: from the checkpoint, or pre-trained once and kept in the work dir.
+
+    With rewinding from pre-training (``space.rewind`` not ``never``, no ``space.rewind_checkpoint``)
+    the weights after ``space.rewind_epoch`` epochs are saved beside it (:func:`rewind_file`) and
+    put into ``inputs.settings.rewind_state``. Capturing them does not change the dense model.
+    """
+    from .errors import ConfigError
+
     model = inputs.model
     if config.model.pretrain is None:
         return model
     path = config.work_path / DENSE_FILE
+    wants_early = config.space.rewind != "never" and config.space.rewind_checkpoint is None
+    early_path = rewind_file(config)
     if path.is_file():
         load_checkpoint(model, path, field="work_dir (dense model)")
+        if wants_early:
+            if not early_path.is_file():
+                raise ConfigError(f"field 'space.rewind': {path} was pre-trained without keeping the weights after "
+                                  f"epoch {config.space.rewind_epoch} ({early_path.name}); delete {path} to pre-train "
+                                  "again, or use another work_dir")
+            early = copy.deepcopy(model)
+            load_checkpoint(early, early_path, field="work_dir (rewind weights)")
+            inputs.settings = replace(inputs.settings, rewind_state=_clone_state(early))
         return model
     pre = config.model.pretrain
+    settings = TrainSettings(epochs=pre.epochs, optimizer=pre.optimizer, lr=pre.lr)
     torch.manual_seed(config.study.seed)
-    train(model, inputs.train_loader, TrainSettings(epochs=pre.epochs, optimizer=pre.optimizer, lr=pre.lr))
+    captured: list[dict[str, torch.Tensor]] = []
+    after_step = None
+    if wants_early and config.space.rewind_epoch == 0:
+        captured.append(_clone_state(model))
+    elif wants_early:
+        from .schedule import batches_per_epoch
+
+        at_step, steps = config.space.rewind_epoch * batches_per_epoch(inputs.train_loader, settings), [0]
+
+        def after_step(m: nn.Module) -> None:
+            steps[0] += 1
+            if steps[0] == at_step:
+                captured.append(_clone_state(m))
+
+    train(model, inputs.train_loader, settings, after_step=after_step)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if wants_early:
+        if not captured:
+            raise ConfigError(f"field 'space.rewind_epoch': pre-training ended before epoch "
+                              f"{config.space.rewind_epoch} (the data loader yielded fewer batches than its len())")
+        torch.save(captured[0], early_path)  # before dense.pt: a dense.pt from this run implies its rewind file
+        inputs.settings = replace(inputs.settings, rewind_state=captured[0])
     torch.save(model.state_dict(), path)
     return model
 

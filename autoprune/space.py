@@ -3,6 +3,9 @@
 Each configured method lists the units it can prune (layers, dependency-group
 roots, blocks). A unit gets one sparsity parameter and, where several methods
 can prune it, a categorical method choice; a removable block gets a yes/no.
+Trial-wide choices, each a categorical only when the config leaves it to the search:
+``quantize`` (int8 Linear layers, ``space.quantize: search``), ``schedule`` (one-shot or
+iterative, when ``space.schedules`` lists both) and ``rewind`` (``space.rewind: search``).
 Only Optuna's distribution classes are used here: no study, no sampler.
 """
 
@@ -15,11 +18,14 @@ from dataclasses import dataclass
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from torch import nn
 
-from .errors import ConfigError
+from . import quantize as quantization
+from .errors import AutopruneError, ConfigError
 from .methods import PruneContext, get_method
 from .plan import LayerPlan, Plan
 
 QUANTIZE_PARAM = "quantize"
+SCHEDULE_PARAM = "schedule"
+REWIND_PARAM = "rewind"
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,16 @@ def find_head(model: nn.Module) -> str:
     return name
 
 
+def _check_quantizable(model: nn.Module) -> None:
+    try:
+        quantization.check_available()
+    except AutopruneError as exc:
+        raise ConfigError(f"field 'space.quantize': {exc}") from None
+    if not any(type(m) is nn.Linear for m in model.modules()):
+        raise ConfigError("field 'space.quantize': the model has no nn.Linear layer, and int8 dynamic quantization "
+                          "covers Linear layers only; set it to 'never'")
+
+
 def _match(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
@@ -53,6 +69,9 @@ class SearchSpace:
     high: float
     step: float | None = None
     quantize: str = "never"
+    schedules: tuple[str, ...] = ("oneshot",)
+    iterative_rounds: int = 3
+    rewind: str = "never"
 
     @classmethod
     def from_model(
@@ -67,6 +86,9 @@ class SearchSpace:
         high: float = 0.9,
         step: float | None = None,
         quantize: str = "never",
+        schedules: Sequence[str] = ("oneshot",),
+        iterative_rounds: int = 3,
+        rewind: str = "never",
     ) -> SearchSpace:
         """Ask each method for its candidates and keep those ``include`` / ``exclude`` select.
 
@@ -86,6 +108,8 @@ class SearchSpace:
                     known = ", ".join(sorted(by_name)) or "(none)"
                     raise ConfigError(f"field {field!r}: pattern {pattern!r} matches no prunable unit; "
                                       f"prunable units: {known}")
+        if quantize != "never":
+            _check_quantizable(model)
         units = tuple(
             Unit(name, tuple(names), removal=name in removal)
             for name, names in by_name.items()
@@ -93,7 +117,7 @@ class SearchSpace:
         )
         if not units:
             raise ConfigError("field 'space': no prunable unit left after include/exclude")
-        return cls(units, low, high, step, quantize)
+        return cls(units, low, high, step, quantize, tuple(schedules), iterative_rounds, rewind)
 
     def distributions(self) -> dict[str, BaseDistribution]:
         dists: dict[str, BaseDistribution] = {}
@@ -106,6 +130,10 @@ class SearchSpace:
             dists[f"{unit.name}/sparsity"] = FloatDistribution(self.low, self.high, step=self.step)
         if self.quantize == "search":
             dists[QUANTIZE_PARAM] = CategoricalDistribution((False, True))
+        if len(self.schedules) > 1:
+            dists[SCHEDULE_PARAM] = CategoricalDistribution(self.schedules)
+        if self.rewind == "search":
+            dists[REWIND_PARAM] = CategoricalDistribution((False, True))
         return dists
 
     def decode(self, params: Mapping[str, object]) -> Plan:
@@ -121,7 +149,10 @@ class SearchSpace:
             if sparsity > 0:
                 layers.append(LayerPlan(unit.name, method, sparsity))
         quantize = self.quantize == "always" or bool(params.get(QUANTIZE_PARAM, False))
-        return Plan(tuple(layers), quantize=quantize)
+        schedule = str(params.get(SCHEDULE_PARAM, self.schedules[0]))
+        rounds = self.iterative_rounds if schedule == "iterative" else 1
+        rewind = self.rewind == "always" or bool(params.get(REWIND_PARAM, False))
+        return Plan(tuple(layers), quantize=quantize, schedule=schedule, rounds=rounds, rewind=rewind)
 
     def uniform_params(self, sparsity: float, method: str | None = None) -> dict[str, object]:
         """Parameters of the trivial baseline: every unit at ``sparsity`` with one method.
@@ -140,4 +171,8 @@ class SearchSpace:
             params[f"{unit.name}/sparsity"] = sparsity if applies else self.low
         if self.quantize == "search":
             params[QUANTIZE_PARAM] = False
+        if len(self.schedules) > 1:
+            params[SCHEDULE_PARAM] = self.schedules[0]
+        if self.rewind == "search":
+            params[REWIND_PARAM] = False
         return params

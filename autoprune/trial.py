@@ -1,7 +1,16 @@
-"""One trial: copy the dense model, prune it by plan, fine-tune, measure.
+"""One trial: copy the dense model, prune it by plan, fine-tune, (quantize,) measure.
 
 Depends on torch (and Torch-Pruning through the methods) only: it runs the same
 in-process, in a test, or on a Ray worker, and knows nothing of Optuna or MLflow.
+
+Order of a trial: prune and fine-tune on the plan's schedule (one-shot, or iterative rounds;
+with rewinding, surviving weights reset to their early values after each pruning step; see
+:mod:`autoprune.schedule`), check that every unit reached its planned sparsity, then, when the
+plan says so, quantize the Linear layers to int8 (:mod:`autoprune.quantize`). Accuracy, size,
+latency and parameter counts are measured on the final (quantized) model; MACs are counted on
+the model before quantization (same shapes, int8 multiply-accumulates; torch's FLOP counter
+does not see quantized kernels). ``TrialResult.extra`` says ``quantized`` (0/1), ``rewound``
+(0/1) and ``rounds``, and for quantized models ``accuracy_before_quantization``.
 """
 
 from __future__ import annotations
@@ -9,19 +18,19 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import measure, model_files
-from .methods import FAMILY_ORDER, PruneContext, get_method
+from . import measure, model_files, quantize, schedule
+from .methods import PruneContext, get_method
 from .methods import unstructured as unstructured_methods
 from .plan import Plan, TrialResult
-from .training import TrainSettings, train
+from .training import TrainSettings
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -40,6 +49,8 @@ class TrialSettings:
     round_to: int | None = None
     calibration_batches: int = 2
     seed: int = 0
+    rewind_state: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    """The dense model's state dict at the rewind point, for plans with ``rewind`` (else None)."""
 
 
 @dataclass(frozen=True)
@@ -73,23 +84,52 @@ def make_context(train_loader: Batches, settings: TrialSettings, example: torch.
     )
 
 
-def apply_plan(model: nn.Module, plan: Plan, context: PruneContext) -> None:
-    """Prune ``model`` in place, family by family (removal, structured, unstructured)."""
+def _by_method(plan: Plan) -> dict[str, dict[str, float]]:
     by_method: dict[str, dict[str, float]] = {}
     for item in plan.layers:
         by_method.setdefault(item.method, {})[item.layer] = item.sparsity
-    methods = {name: get_method(name) for name in by_method}
-    for family in FAMILY_ORDER:
-        for name, targets in by_method.items():
-            if methods[name].family == family:
-                methods[name].prune(model, targets, context)
+    return by_method
+
+
+def apply_plan(model: nn.Module, plan: Plan, context: PruneContext) -> None:
+    """Prune ``model`` in place to the plan's sparsities at once, family by family (removal, structured,
+    unstructured); the plan's schedule, rewinding and quantization are not applied here."""
+    schedule.prune_step(model, _by_method(plan), context)
 
 
 def prune_model(dense: nn.Module, plan: Plan, context: PruneContext) -> nn.Module:
-    """A pruned copy of ``dense`` (not fine-tuned)."""
+    """A pruned copy of ``dense`` (one-shot, not fine-tuned)."""
     model = copy.deepcopy(dense)
     apply_plan(model, plan, context)
     return model
+
+
+def prune_and_finetune(
+    dense: nn.Module, train_loader: Batches, plan: Plan, settings: TrialSettings, context: PruneContext
+) -> tuple[nn.Module, float]:
+    """A copy of ``dense`` pruned and fine-tuned on the plan's schedule (with rewinding if asked),
+    checked to reach the plan; returns it and the seconds spent training."""
+    model = copy.deepcopy(dense)
+    early = schedule.early_model(dense, settings.rewind_state) if plan.rewind else None
+    steps = schedule.Schedule(model, plan, context)
+    budgets = schedule.round_steps(train_loader, settings.finetune, plan.rounds)
+    has_unstructured = any(get_method(i.method).family == "unstructured" for i in plan.layers)
+    train_seconds = 0.0
+    for step in range(1, plan.rounds + 1):
+        targets = steps.targets(step)
+        step_context = steps.step_context(step)
+        removed = schedule.prune_step(model, targets, step_context)
+        steps.record(removed)
+        masks = unstructured_methods.masks_of(model) if has_unstructured else None
+        if early is not None:
+            schedule.rewind(model, early, targets, removed, step_context, masks)
+        if step == plan.rounds:
+            steps.check(model)
+        started = time.perf_counter()
+        schedule.finetune(model, train_loader, settings.finetune, budgets[step - 1], masks)
+        train_seconds += time.perf_counter() - started
+    steps.check(model)  # zeros held through fine-tuning
+    return model, train_seconds
 
 
 def run_trial(
@@ -100,22 +140,19 @@ def run_trial(
     settings: TrialSettings,
     baseline: DenseBaseline,
 ) -> TrialOutput:
-    """Prune, fine-tune and measure one model; raises if any step fails."""
+    """Prune, fine-tune, quantize if planned, and measure one model; raises if any step fails."""
     torch.manual_seed(settings.seed)
     example = next(iter(val_loader))[0][:1]
     context = make_context(train_loader, settings, example)
-    model = prune_model(dense, plan, context)
-
-    has_unstructured = any(get_method(i.method).family == "unstructured" for i in plan.layers)
-    masks = unstructured_methods.masks_of(model) if has_unstructured else None
-    started = time.perf_counter()
-    train(model, train_loader, settings.finetune,
-          after_step=(lambda m: unstructured_methods.apply_masks(m, masks)) if masks else None)
-    train_seconds = time.perf_counter() - started
+    model, train_seconds = prune_and_finetune(dense, train_loader, plan, settings, context)
+    macs = measure.count_macs(model, example)
+    extra = {"quantized": float(plan.quantize), "rewound": float(plan.rewind), "rounds": float(plan.rounds)}
+    if plan.quantize:
+        extra["accuracy_before_quantization"] = measure.evaluate_accuracy(model, val_loader)
+        model = quantize.quantize_model(model, example)
 
     accuracy = measure.evaluate_accuracy(model, val_loader)
-    params, nonzero = measure.count_parameters(model)
-    macs = measure.count_macs(model, example)
+    params, nonzero = quantize.parameter_counts(model)
     with tempfile.TemporaryDirectory() as tmp:
         files = model_files.save_model(model, tmp)
         weights = Path(files.weights_path).read_bytes()
@@ -137,6 +174,7 @@ def run_trial(
         latency_ratio=ratio,
         param_sparsity=1.0 - nonzero / baseline.params,
         train_seconds=train_seconds,
+        extra=extra,
     )
     return TrialOutput(result, weights, skeleton)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,22 @@ def test_tied_parameters_stay_tied(tmp_path: Path) -> None:
     loaded = load_model(tmp_path)
     assert loaded[0].weight is loaded[1].weight
     assert torch.equal(loaded[0].weight, a.weight)
+
+
+def test_quantized_tensors_round_trip_bit_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(64, 32)
+    w[:, :24] = 0  # 75 % zeros: the int8 integers are stored sparsely
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        per_tensor = torch.quantize_per_tensor(w, 0.02, 0, torch.qint8)
+        per_channel = torch.quantize_per_channel(w, torch.rand(64) / 10 + 0.01, torch.zeros(64, dtype=torch.long),
+                                                 0, torch.qint8)
+    save_weights({"t": per_tensor, "c": per_channel}, tmp_path / "q.pt")
+    back = load_weights(tmp_path / "q.pt")
+    for name, original in (("t", per_tensor), ("c", per_channel)):
+        assert back[name].qscheme() == original.qscheme() and back[name].dtype == torch.qint8
+        assert torch.equal(back[name].int_repr(), original.int_repr())
+        assert torch.equal(back[name].dequantize(), original.dequantize())
+    blob = torch.load(tmp_path / "q.pt", weights_only=True)
+    assert blob["version"] == 2 and isinstance(blob["tensors"]["t"]["int_repr"], dict)

@@ -64,3 +64,28 @@ def test_quantize_search_dimension() -> None:
     space = SearchSpace.from_model(model, context(model), ["l1_unstructured"], quantize="search")
     assert "quantize" in space.distributions()
     assert space.decode({"0/sparsity": 0.1, "3/sparsity": 0.2, "quantize": True}).quantize is True
+
+
+def test_schedule_and_rewind_dimensions() -> None:
+    model = small()
+    fixed = SearchSpace.from_model(model, context(model), ["l1_unstructured"], schedules=("iterative",),
+                                   iterative_rounds=4, rewind="always")
+    assert set(fixed.distributions()) == {"0/sparsity", "3/sparsity"}  # no choice left to the search
+    plan = fixed.decode({"0/sparsity": 0.5, "3/sparsity": 0.0})
+    assert (plan.schedule, plan.rounds, plan.rewind) == ("iterative", 4, True)
+    space = SearchSpace.from_model(model, context(model), ["l1_unstructured"], schedules=("oneshot", "iterative"),
+                                   rewind="search")
+    dists = space.distributions()
+    assert dists["schedule"].choices == ("oneshot", "iterative") and dists["rewind"].choices == (False, True)
+    plan = space.decode({"0/sparsity": 0.5, "3/sparsity": 0.1, "schedule": "iterative", "rewind": False})
+    assert (plan.schedule, plan.rounds, plan.rewind) == ("iterative", 3, False)
+    assert (plan.as_params()["schedule"], plan.as_params()["rounds"]) == ("iterative", 3)
+    baseline = space.uniform_params(0.3)
+    assert baseline["schedule"] == "oneshot" and baseline["rewind"] is False
+    assert space.decode(baseline).rounds == 1
+
+
+def test_quantize_needs_a_linear_layer() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    with pytest.raises(ConfigError, match=r"field 'space\.quantize'"):
+        SearchSpace.from_model(model, context(model), ["l1_unstructured"], quantize="search")
