@@ -51,16 +51,25 @@ class ModelConfig(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Path | None = None
     pretrain: PretrainConfig | None = None
+    pretrained: bool = False
+    """True: the factory returns an already trained model (no checkpoint, no pre-training)."""
+    loss: str | None = None
+    """``module:callable``, ``loss(outputs, targets) -> scalar tensor`` for pre-training, fine-tuning and
+    gradient-based importance; default: cross-entropy on class indices."""
+    metric: str | None = None
+    """``module:callable``, ``metric(outputs, targets) -> per-sample scores [B]`` (higher is better), averaged
+    over the validation set as the "accuracy" objective; default: top-1 accuracy (argmax over dim 1)."""
 
-    @field_validator("factory")
+    @field_validator("factory", "loss", "metric")
     @classmethod
-    def _factory_format(cls, value: str) -> str:
-        return _check_factory(value)
+    def _factory_format(cls, value: str | None) -> str | None:
+        return None if value is None else _check_factory(value)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        if (self.checkpoint is None) == (self.pretrain is None):
-            raise ValueError("expected exactly one of 'checkpoint' or 'pretrain'")
+        sources = (self.checkpoint is not None) + (self.pretrain is not None) + self.pretrained
+        if sources != 1:
+            raise ValueError("expected exactly one of 'checkpoint' or 'pretrain' (or 'pretrained: true')")
         return self
 
 

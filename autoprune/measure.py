@@ -30,7 +30,7 @@ eval mode restores its training flag.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
@@ -102,27 +102,39 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def evaluate_accuracy(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> float:
-    """Top-1 accuracy (fraction in [0, 1]) of a classifier over ``loader``.
+def top1(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Per-sample top-1 correctness (1.0 or 0.0): ``argmax`` over dim 1 against class indices."""
+    return (outputs.argmax(dim=1) == targets).float()
 
-    The prediction is ``argmax`` over dim 1 of the model's output; labels are class indices.
+
+def evaluate_accuracy(
+    model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], metric: Callable[[Tensor, Tensor], Tensor] | None = None
+) -> float:
+    """Mean of ``metric(outputs, targets)`` over all samples of ``loader``; by default top-1 accuracy
+    (fraction in [0, 1]) of a classifier: ``argmax`` over dim 1 of the output against class indices.
+
+    ``metric`` returns one score per sample (a tensor of ``batch`` elements); higher is better.
     The model runs in eval mode under ``torch.no_grad()``; its training flags are restored.
     Inputs are moved to the device of the model's first parameter.  Raises ``ValueError`` if the
     loader yields no samples.
     """
+    metric = metric or top1
     device = _model_device(model)
-    correct = 0
+    score = 0.0
     total = 0
     with _eval_mode(model), torch.no_grad():
         for inputs, targets in loader:
             inputs = inputs.to(device)
             targets = targets.to(device)
-            predictions = model(inputs).argmax(dim=1)
-            correct += int((predictions == targets).sum().item())
-            total += int(targets.numel())
+            scores = metric(model(inputs), targets)
+            if scores.numel() != inputs.shape[0]:
+                raise ValueError(f"evaluate_accuracy: the metric returned {scores.numel()} scores for a batch "
+                                 f"of {inputs.shape[0]}; expected one per sample")
+            score += float(scores.double().sum().item())
+            total += int(scores.numel())
     if total == 0:
         raise ValueError("evaluate_accuracy: the loader yielded no samples")
-    return correct / total
+    return score / total
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -92,6 +92,9 @@ def build_inputs(config: SearchConfig) -> Inputs:
     """Import factories, build model and data, derive the search space; no side effects on disk."""
     model_factory, model_module = import_factory(config.model.factory, config.base_dir, "model.factory")
     data_factory, data_module = import_factory(config.data.factory, config.base_dir, "data.factory")
+    task = {key: import_factory(spec, config.base_dir, f"model.{key}")
+            for key in ("loss", "metric") if (spec := getattr(config.model, key)) is not None}
+    torch.manual_seed(config.study.seed)  # the same initial weights in every process, so pre-training repeats
     model = build_model(model_factory, config.model.kwargs, "model.factory")
     train_loader, val_loader = build_loaders(data_factory, config.data.kwargs, "data.factory")
     if config.checkpoint_path is not None:
@@ -103,7 +106,7 @@ def build_inputs(config: SearchConfig) -> Inputs:
         raise ConfigError(f"field 'space.head': no module named {head!r} in the model")
     rewind_state = _rewind_checkpoint_state(config, model)
     settings = TrialSettings(
-        finetune=TrainSettings(**config.finetune.model_dump()),
+        finetune=TrainSettings(**config.finetune.model_dump(), loss_fn=task["loss"][0] if "loss" in task else None),
         protected=frozenset({head}),
         latency_batch=config.latency.batch_size,
         latency_threads=config.latency.threads,
@@ -114,6 +117,7 @@ def build_inputs(config: SearchConfig) -> Inputs:
         calibration_batches=config.space.calibration_batches,
         seed=config.study.seed,
         rewind_state=rewind_state,
+        metric_fn=task["metric"][0] if "metric" in task else None,
     )
     example = next(iter(val_loader))[0][:1]
     context = PruneContext(example_inputs=example, protected=settings.protected,
@@ -124,7 +128,8 @@ def build_inputs(config: SearchConfig) -> Inputs:
                                    step=sparsity.step, quantize=config.space.quantize,
                                    schedules=tuple(config.space.schedules),
                                    iterative_rounds=config.space.iterative_rounds, rewind=config.space.rewind)
-    modules = list({m.__name__: m for m in (model_module, data_module) if _user_module(m)}.values())
+    candidates = (model_module, data_module, *(module for _, module in task.values()))
+    modules = list({m.__name__: m for m in candidates if _user_module(m)}.values())
     return Inputs(model, train_loader, val_loader, space, settings, modules)
 
 
@@ -184,7 +189,8 @@ def ensure_dense(config: SearchConfig, inputs: Inputs) -> nn.Module:
             inputs.settings = replace(inputs.settings, rewind_state=_clone_state(early))
         return model
     pre = config.model.pretrain
-    settings = TrainSettings(epochs=pre.epochs, optimizer=pre.optimizer, lr=pre.lr)
+    settings = TrainSettings(epochs=pre.epochs, optimizer=pre.optimizer, lr=pre.lr,
+                             loss_fn=inputs.settings.finetune.loss_fn)
     torch.manual_seed(config.study.seed)
     captured: list[dict[str, torch.Tensor]] = []
     after_step = None

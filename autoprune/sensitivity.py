@@ -138,7 +138,8 @@ def fingerprint(config: SearchConfig) -> str:
 # ---- measuring ----
 def measure_curves(dense: nn.Module, space: SearchSpace, context: PruneContext, val_loader: Any,
                    ratios: Sequence[float], methods: Sequence[str] | None = None, *, seed: int = 0,
-                   on_progress: ProgressFn | None = None) -> tuple[float, list[Curve]]:
+                   on_progress: ProgressFn | None = None, metric: Callable[[Any, Any], Any] | None = None
+                   ) -> tuple[float, list[Curve]]:
     """Dense accuracy and one curve per (unit, method), ``methods`` restricting the methods."""
     jobs: list[tuple[str, str, str, list[float]]] = []
     for unit in space.units:
@@ -150,7 +151,7 @@ def measure_curves(dense: nn.Module, space: SearchSpace, context: PruneContext, 
             jobs.append((unit.name, method, family, points))
     total = 1 + sum(len(points) for *_, points in jobs)
     dense_params = measure.count_parameters(dense)[0]
-    dense_accuracy = measure.evaluate_accuracy(dense, val_loader)
+    dense_accuracy = measure.evaluate_accuracy(dense, val_loader, metric)
     done = 1
     if on_progress:
         on_progress(SensitivityProgress(done, total, f"dense accuracy {dense_accuracy:.4f}"))
@@ -159,7 +160,7 @@ def measure_curves(dense: nn.Module, space: SearchSpace, context: PruneContext, 
         curve = Curve(unit, method, family)
         for ratio in points:
             curve.points.append(_point(dense, unit, method, ratio, context, val_loader, dense_accuracy,
-                                       dense_params, seed))
+                                       dense_params, seed, metric))
             done += 1
             if on_progress:
                 p = curve.points[-1]
@@ -170,13 +171,14 @@ def measure_curves(dense: nn.Module, space: SearchSpace, context: PruneContext, 
 
 
 def _point(dense: nn.Module, unit: str, method: str, ratio: float, context: PruneContext, val_loader: Any,
-           dense_accuracy: float, dense_params: int, seed: int) -> Point:
+           dense_accuracy: float, dense_params: int, seed: int, metric: Callable[[Any, Any], Any] | None = None
+           ) -> Point:
     from .trial import prune_model
 
     torch.manual_seed(seed)
     try:
         model = prune_model(dense, Plan((LayerPlan(unit, method, ratio),)), context)
-        accuracy = measure.evaluate_accuracy(model, val_loader)
+        accuracy = measure.evaluate_accuracy(model, val_loader, metric)
         _, nonzero = measure.count_parameters(model)
     except AutopruneError as exc:
         return Point(ratio, None, None, None, str(exc).splitlines()[0][:300])
@@ -377,7 +379,8 @@ def run_sensitivity(config: SearchConfig, ratios: Sequence[float] = DEFAULT_RATI
     example = next(iter(inputs.val_loader))[0][:1]
     context = make_context(inputs.train_loader, inputs.settings, example)
     dense_accuracy, curves = measure_curves(dense, inputs.space, context, inputs.val_loader, ratios, methods,
-                                            seed=config.study.seed, on_progress=on_progress)
+                                            seed=config.study.seed, on_progress=on_progress,
+                                            metric=inputs.settings.metric_fn)
     bounds = unit_bounds(inputs.space, curves, max_drop)
     used = [m for m in config.space.methods if any(c.method == m for c in curves)]
     result = SensitivityResult(config.study.name, dense_accuracy, [0.0, *[r for r in ratios if r > 0]], max_drop,

@@ -17,6 +17,8 @@ class TrainSettings:
     momentum: float = 0.9
     weight_decay: float = 0.0
     max_batches: int | None = None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    """The task's loss ``(outputs, targets) -> scalar``; None: cross-entropy."""
 
 
 def make_optimizer(params: Iterable[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
@@ -36,7 +38,7 @@ def train(
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     settings: TrainSettings,
     *,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
 ) -> float:
     """Train ``model`` in place; return the mean loss of the last epoch.
@@ -46,6 +48,7 @@ def train(
     """
     if settings.epochs == 0:
         return float("nan")
+    loss_fn = loss_fn or settings.loss_fn or nn.functional.cross_entropy
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
     model.train()
     last = float("nan")

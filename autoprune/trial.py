@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -49,6 +49,8 @@ class TrialSettings:
     round_to: int | None = None
     calibration_batches: int = 2
     seed: int = 0
+    metric_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    """The task's metric ``(outputs, targets) -> per-sample scores``; None: top-1 accuracy."""
     rewind_state: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
     """The dense model's state dict at the rewind point, for plans with ``rewind`` (else None)."""
 
@@ -78,6 +80,7 @@ def make_context(train_loader: Batches, settings: TrialSettings, example: torch.
     return PruneContext(
         example_inputs=example,
         calibration_batches=calibration,
+        loss_fn=settings.finetune.loss_fn or nn.functional.cross_entropy,
         protected=settings.protected,
         max_layer_sparsity=settings.max_layer_sparsity,
         round_to=settings.round_to,
@@ -148,10 +151,10 @@ def run_trial(
     macs = measure.count_macs(model, example)
     extra = {"quantized": float(plan.quantize), "rewound": float(plan.rewind), "rounds": float(plan.rounds)}
     if plan.quantize:
-        extra["accuracy_before_quantization"] = measure.evaluate_accuracy(model, val_loader)
+        extra["accuracy_before_quantization"] = measure.evaluate_accuracy(model, val_loader, settings.metric_fn)
         model = quantize.quantize_model(model, example)
 
-    accuracy = measure.evaluate_accuracy(model, val_loader)
+    accuracy = measure.evaluate_accuracy(model, val_loader, settings.metric_fn)
     params, nonzero = quantize.parameter_counts(model)
     with tempfile.TemporaryDirectory() as tmp:
         files = model_files.save_model(model, tmp)
@@ -191,10 +194,11 @@ def measure_dense(
     """The dense model's accuracy, size, params, MACs and latency, timed alone."""
     example = next(iter(val_loader))[0][:1]
     inputs = _latency_inputs(val_loader, settings.latency_batch)
-    latency = measure.time_model(dense, inputs, threads=settings.latency_threads, min_run_time=min_run_time)
+    latency_ms = measure.reference_latency_ms(dense, inputs, threads=settings.latency_threads,
+                                              min_run_time=min_run_time)
     return DenseBaseline(
-        accuracy=measure.evaluate_accuracy(dense, val_loader),
-        latency_ms=latency.median_ms,
+        accuracy=measure.evaluate_accuracy(dense, val_loader, settings.metric_fn),
+        latency_ms=latency_ms,
         size_bytes=model_files.model_size_bytes(dense),
         params=measure.count_parameters(dense)[0],
         macs=measure.count_macs(dense, example),
