@@ -59,11 +59,11 @@ def _export(model: torch.nn.Module, inputs: torch.Tensor) -> torch.export.Export
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
         return torch.export.export(model, (inputs,), dynamic_shapes=({0: batch},))
-    except Exception:  # noqa: BLE001 - some models specialise the batch size; a static export still works
+    except Exception:  # some models specialise the batch size; a static export still works
         pass
     try:
         return torch.export.export(model, (inputs,))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # any failure becomes one clear message
         quantized = any("quantized" in type(m).__module__ for m in model.modules())
         hint = (" torch.export cannot trace int8 dynamically-quantized layers; export a trial without "
                 "quantization, or load the trial's files with autoprune.model_files.load_model") if quantized else ""
