@@ -1,14 +1,18 @@
-"""Pareto front, ranks, hypervolume and the front chart, from Optuna's own tools.
+"""Pareto front, ranks, hypervolume (and its history) and budget tables, from Optuna's own tools.
 
 Optuna keeps its non-dominated sort and hypervolume in private modules; they are
-wrapped here, in one place, so an Optuna upgrade touches one file.
+wrapped here, in one place, so an Optuna upgrade touches one file. Objectives
+are autoprune's fixed three: accuracy (max), size_bytes (min), latency_ms (min).
 """
 
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,13 +21,15 @@ from optuna._hypervolume import compute_hypervolume
 from optuna.study._multi_objective import _fast_non_domination_rank
 from optuna.trial import FrozenTrial, TrialState
 
+from .study import STALE_ATTR
+
 FRONT_COLUMNS = ("trial", "accuracy", "accuracy_drop", "size_bytes", "latency_ms", "params",
                  "nonzero_params", "macs", "param_sparsity")
 
 
 def _losses(trials: Sequence[FrozenTrial]) -> np.ndarray:
     """Objective values turned into 'lower is better' (accuracy negated)."""
-    return np.array([[-t.values[0], t.values[1], t.values[2]] for t in trials], dtype=float)
+    return np.array([[-t.values[0], t.values[1], t.values[2]] for t in trials], dtype=float).reshape(-1, 3)
 
 
 def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -35,39 +41,45 @@ def ranks(trials: Sequence[FrozenTrial]) -> dict[int, int]:
     if not trials:
         return {}
     values = _fast_non_domination_rank(_losses(trials))
-    return {t.number: int(r) for t, r in zip(trials, values, strict=False)}
+    return {t.number: int(r) for t, r in zip(trials, values, strict=True)}
 
 
 def front_rows(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
     """The Pareto-optimal trials as table rows, smallest first."""
     rank = ranks(trials)
-    rows = []
-    for trial in trials:
-        if rank[trial.number] != 0:
-            continue
-        row: dict[str, Any] = {"trial": trial.number}
-        for column in FRONT_COLUMNS[1:]:
-            row[column] = trial.user_attrs.get(column)
-        for column in ("params", "nonzero_params", "macs"):
-            row[column] = int(row[column]) if row[column] is not None else None
-        row["accuracy"], row["size_bytes"], row["latency_ms"] = trial.values[0], int(trial.values[1]), \
-            trial.values[2]
-        rows.append(row)
-    return sorted(rows, key=lambda r: (r["size_bytes"], r["latency_ms"]))
+    return sorted((trial_row(t) for t in trials if rank[t.number] == 0),
+                  key=lambda r: (r["size_bytes"], r["latency_ms"]))
 
 
-def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+def trial_row(trial: FrozenTrial) -> dict[str, Any]:
+    """One complete trial as a row of :data:`FRONT_COLUMNS`."""
+    row: dict[str, Any] = {"trial": trial.number}
+    for column in FRONT_COLUMNS[1:]:
+        row[column] = trial.user_attrs.get(column)
+    for column in ("params", "nonzero_params", "macs"):
+        row[column] = int(row[column]) if row[column] is not None else None
+    row["accuracy"], row["size_bytes"], row["latency_ms"] = trial.values[0], int(trial.values[1]), trial.values[2]
+    return row
+
+
+def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = FRONT_COLUMNS) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(FRONT_COLUMNS), extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
 
 
+def to_json(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+
+# ---- hypervolume ----
 def hypervolume(trials: Sequence[FrozenTrial], dense_size: float, dense_latency: float) -> float:
     """Hypervolume of the front in normalised space: accuracy in [0, 1], size and
     latency as fractions of the dense model's, reference point (accuracy 0,
-    1.0x dense size, 1.0x dense latency). 1.0 would be a perfect, free model."""
+    1.0x dense size, 1.0x dense latency). 1.0 would be a perfect, free model;
+    trials no smaller or no faster than the dense model add nothing."""
     if not trials:
         return 0.0
     losses = _losses(trials) / np.array([1.0, dense_size, dense_latency])
@@ -78,8 +90,39 @@ def hypervolume(trials: Sequence[FrozenTrial], dense_size: float, dense_latency:
     return float(compute_hypervolume(inside, reference))
 
 
-def chart_html(study: optuna.Study) -> str:
-    """A self-contained interactive 3-D Pareto chart (plotly.js embedded, works offline)."""
-    figure = optuna.visualization.plot_pareto_front(
-        study, target_names=["accuracy", "size (bytes)", "latency (ms)"])
-    return figure.to_html(include_plotlyjs=True, full_html=True)
+def finished_in_order(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials that count as finished (complete, or failed but not left by a stopped
+    driver), in the order they finished: the steps of the hypervolume history."""
+    far_future = dt.datetime.max
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+              if t.state == TrialState.COMPLETE or not t.user_attrs.get(STALE_ATTR)]
+    return sorted(trials, key=lambda t: (t.datetime_complete or far_future, t.number))
+
+
+@dataclass(frozen=True)
+class HistoryPoint:
+    step: int  # number of finished trials
+    trial: int  # the trial whose end made this step
+    hypervolume: float
+    front_size: int
+    timestamp_ms: int
+
+
+def history(study: optuna.Study, dense_size: float, dense_latency: float,
+            skip: Iterable[int] = (), only_trial: int | None = None) -> list[HistoryPoint]:
+    """Hypervolume and front size after each finished trial (step = finished trials so far),
+    leaving out the steps in ``skip`` (those already logged); only the step that trial
+    ``only_trial`` made, if given."""
+    skip = set(skip)
+    points: list[HistoryPoint] = []
+    complete: list[FrozenTrial] = []
+    for step, trial in enumerate(finished_in_order(study), start=1):
+        if trial.state == TrialState.COMPLETE:
+            complete.append(trial)
+        if step in skip or (only_trial is not None and trial.number != only_trial):
+            continue
+        front = sum(1 for r in ranks(complete).values() if r == 0)
+        when = trial.datetime_complete or dt.datetime.now()
+        points.append(HistoryPoint(step, trial.number, hypervolume(complete, dense_size, dense_latency), front,
+                                   int(when.timestamp() * 1000)))
+    return points

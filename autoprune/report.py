@@ -1,44 +1,111 @@
-"""What the driver records about a running study in MLflow: a child run per
-finished trial, Pareto tags kept right as the front moves, and the front's
-artifacts on the parent run. Glue between the study (Optuna) and the tracker
-(MLflow); neither of those modules knows the other.
+"""What the driver records about a study in MLflow: a child run per finished trial,
+Pareto tags kept right as the front moves, the hypervolume history, and at the
+end the front's views (chart, PNG, CSV, JSON, summary) on the parent run and an
+MLflow model for each Pareto-optimal trial.
+
+Glue between the study (Optuna) and the tracker (MLflow); neither of those
+modules knows the other. ``autoprune report`` (:func:`regenerate`) runs the same
+steps again on an existing study.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from . import pareto
+from . import charts, pareto
+from .errors import AutopruneError
 from .plan import Plan, TrialResult
 from .space import SearchSpace
-from .study import BASELINE_ATTR, REASON_ATTR
+from .study import BASELINE_ATTR, CONFIG_ATTR, DENSE_ATTR, REASON_ATTR
 from .tracking import Tracker
 from .trial import DenseBaseline
+
+if TYPE_CHECKING:
+    import torch
+
+    from .config import SearchConfig
+    from .search import Inputs
+
+log = logging.getLogger(__name__)
+
+HYPERVOLUME = "hypervolume"
+FRONT_SIZE = "front_size"
+FRONT_CSV, FRONT_JSON, CHART_HTML, CHART_PNG, SUMMARY_MD = (
+    "pareto_front.csv", "pareto_front.json", "pareto_front.html", "pareto_front.png", "summary.md")
+CSV_COLUMNS = (*pareto.FRONT_COLUMNS, "baseline", "plan")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the Pareto models come from: trial number -> pruned model, and an input
+    example (a few real samples) for the MLflow signature."""
+
+    load: Callable[[int], torch.nn.Module]
+    example: Any  # numpy array, a batch of >= 2 so the exported batch size stays dynamic; None: not a tensor
+    code_paths: tuple[str, ...] = ()  # the user's model module, for models torch.export cannot trace
+
+
+def model_source(config: SearchConfig, inputs: Inputs) -> ModelSource:
+    """The trial models of ``config``'s work dir, with a validation batch as input example."""
+    import torch
+
+    from . import model_files
+    from .search import trial_dir  # search imports this module
+
+    batch = next(iter(inputs.val_loader))[0]
+    # MLflow models of a single-tensor input only; other inputs (dicts, tuples) get no model, with a reason
+    example = batch[:2].detach().cpu().numpy() if isinstance(batch, torch.Tensor) else None
+    return ModelSource(lambda number: model_files.load_model(trial_dir(config, number)), example,
+                       tuple(m.__file__ for m in inputs.modules if getattr(m, "__file__", None)))
 
 
 class StudyReport:
     """MLflow records of one study, updated by the driver after every trial."""
 
-    def __init__(self, tracker: Tracker, parent_id: str, study_name: str, baseline: DenseBaseline) -> None:
+    def __init__(self, tracker: Tracker, parent_id: str, study_name: str, baseline: DenseBaseline, *,
+                 space: SearchSpace | None = None, models: ModelSource | None = None) -> None:
         self.tracker = tracker
         self.parent_id = parent_id
         self.study_name = study_name
         self.baseline = baseline
+        self.space = space
+        self.models = models
+        self.model_errors: dict[int, str] = {}
+        self.models_logged: list[int] = []
+        self._plans: dict[int, Plan] = {}
+        self._logged_steps = tracker.metric_steps(parent_id, HYPERVOLUME)
+        self._unknown: frozenset[int] = frozenset()
 
+    # ---- during the search ----
     def trial_finished(self, study: optuna.Study, number: int, plan: Plan, user_attrs: Mapping[str, object],
                        result: TrialResult | None, reason: str | None) -> int:
-        """Log trial ``number`` and re-tag the front; returns the front's size."""
+        """Log trial ``number``, re-tag the front, log the hypervolume; returns the front's size."""
+        self._plans[number] = plan
         extra_tags = {"baseline": str(user_attrs[BASELINE_ATTR])} if BASELINE_ATTR in user_attrs else {}
         self.tracker.log_trial(self.parent_id, self.study_name, number, plan, result, reason, extra_tags)
         ranks = pareto.ranks(pareto.complete_trials(study))
+        self._see_other_drivers(ranks)
         self.tracker.tag_pareto(ranks)
+        self._log_history(study, only_trial=number)
         return sum(1 for rank in ranks.values() if rank == 0)
+
+    def _see_other_drivers(self, ranks: Mapping[int, int]) -> None:
+        """Complete trials this tracker has no run for were logged by another driver of the study
+        (or are about to be): load their runs, so their Pareto tags are kept right too."""
+        unknown = frozenset(n for n in ranks if not self.tracker.has_trial(n))
+        if unknown and unknown != self._unknown:
+            self.tracker.refresh(self.parent_id)
+        self._unknown = unknown
 
     def log_missing(self, study: optuna.Study, space: SearchSpace) -> None:
         """After a crash between Optuna's tell and MLflow's log, log the finished trials MLflow lacks."""
+        self.space = self.space or space
         fields = [name for name in TrialResult.__dataclass_fields__ if name != "extra"]
         for trial in study.get_trials(deepcopy=False):
             if self.tracker.has_trial(trial.number) or not trial.state.is_finished():
@@ -50,19 +117,185 @@ class StudyReport:
             elif trial.state == TrialState.FAIL:
                 reason = str(trial.user_attrs.get(REASON_ATTR, "unknown"))
                 self.trial_finished(study, trial.number, plan, trial.user_attrs, None, reason)
+        self._log_history(study)
 
+    def _log_history(self, study: optuna.Study, only_trial: int | None = None) -> None:
+        """Hypervolume and front size after each finished trial (step = finished trials so far).
+
+        After a trial (``only_trial``) only its own step is logged, so drivers running the same
+        study side by side never log one step twice; otherwise (resume, the end, ``autoprune
+        report``) every step MLflow lacks is filled in.
+        """
+        if only_trial is None:
+            self._logged_steps |= self.tracker.metric_steps(self.parent_id, HYPERVOLUME)
+        points = pareto.history(study, self.baseline.size_bytes, self.baseline.latency_ms, skip=self._logged_steps,
+                                only_trial=only_trial)
+        if not points:
+            return
+        self.tracker.log_history(self.parent_id, [
+            item for p in points
+            for item in ((HYPERVOLUME, p.hypervolume, p.step, p.timestamp_ms),
+                         (FRONT_SIZE, p.front_size, p.step, p.timestamp_ms))])
+        self._logged_steps.update(p.step for p in points)
+
+    # ---- at the end ----
     def finalize(self, study: optuna.Study) -> list[dict]:
-        """Front CSV, chart and summary metrics on the parent run; returns the front rows."""
+        """Tags, history, the front's files and summary on the parent run, and an MLflow model
+        per Pareto-optimal trial; returns the front rows (smallest first)."""
         trials = pareto.complete_trials(study)
+        ranks = pareto.ranks(trials)
+        self.tracker.refresh(self.parent_id)  # runs and tags other drivers wrote meanwhile
+        self.tracker.tag_pareto(ranks)
+        self._log_history(study)
         rows = pareto.front_rows(trials)
-        if trials:
-            summary = {
-                "front_size": len(rows),
-                "hypervolume": pareto.hypervolume(trials, self.baseline.size_bytes, self.baseline.latency_ms),
-                "completed_trials": len(trials),
-            }
-            self.tracker.log_front(self.parent_id, pareto.to_csv(rows), pareto.chart_html(study), summary)
+        if not trials:
+            return rows
+        views = self.views(study)
+        self.tracker.log_files(self.parent_id, views.files)
+        self.tracker.log_metrics(self.parent_id, {"completed_trials": len(trials), "failed_trials": views.failed})
+        self.tracker.set_note(self.parent_id, views.files[SUMMARY_MD])
+        self.log_models([row["trial"] for row in rows])
         return rows
+
+    def points(self, study: optuna.Study) -> list[charts.Point]:
+        """Every complete trial as the views show it (rank, baseline label, plan summary)."""
+        trials = pareto.complete_trials(study)
+        ranks = pareto.ranks(trials)
+        return [self._point(t, ranks[t.number]) for t in trials]
+
+    def _point(self, trial: FrozenTrial, rank: int) -> charts.Point:
+        plan = self._plans.get(trial.number)
+        if plan is None and self.space is not None and trial.params:
+            try:
+                plan = self.space.decode(trial.params)
+            except Exception:  # params of an older space: no summary rather than no report
+                plan = None
+        attrs = trial.user_attrs
+        return charts.Point(
+            trial=trial.number, accuracy=float(trial.values[0]), size_bytes=int(trial.values[1]),
+            latency_ms=float(trial.values[2]), rank=rank, accuracy_drop=attrs.get("accuracy_drop"),
+            param_sparsity=attrs.get("param_sparsity"),
+            baseline=str(attrs[BASELINE_ATTR]) if BASELINE_ATTR in attrs else None,
+            plan=charts.plan_summary(plan) if plan is not None else "")
+
+    def views(self, study: optuna.Study) -> Views:
+        """The parent run's files: CSV, JSON, interactive HTML, PNG and Markdown summary."""
+        points = self.points(study)
+        trials = pareto.complete_trials(study)
+        hv = pareto.hypervolume(trials, self.baseline.size_bytes, self.baseline.latency_ms)
+        failed = sum(1 for t in pareto.finished_in_order(study) if t.state == TrialState.FAIL)
+        by_number = {p.trial: p for p in points}
+        rows = []
+        for row in pareto.front_rows(trials):
+            p = by_number[row["trial"]]
+            rows.append({**row, "baseline": p.baseline or "", "plan": p.plan})
+        baselines = [{**pareto.trial_row(t), "baseline": by_number[t.number].baseline,
+                      "on_front": by_number[t.number].on_front} for t in trials if by_number[t.number].baseline]
+        front_size = sum(1 for p in points if p.on_front)
+        title = (f"{self.study_name}: {len(points)} complete trials, {front_size} on the Pareto front, "
+                 f"hypervolume {hv:.4f}")
+        document = {"study": self.study_name, "dense": asdict(self.baseline), "hypervolume": hv,
+                    "complete_trials": len(points), "failed_trials": failed, "front": rows, "baselines": baselines}
+        files: dict[str, str | bytes] = {
+            FRONT_CSV: pareto.to_csv(rows, CSV_COLUMNS),
+            FRONT_JSON: pareto.to_json(document),
+            CHART_HTML: charts.html(points, self.baseline, title),
+            CHART_PNG: charts.png(points, self.baseline, title),
+            SUMMARY_MD: charts.summary_markdown(self.study_name, points, self.baseline, failed=failed,
+                                                hypervolume=hv),
+        }
+        return Views(files, rows, points, hv, failed)
+
+    def log_models(self, numbers: Sequence[int]) -> list[int]:
+        """An MLflow model for each trial in ``numbers`` that has none yet; returns those logged.
+
+        A model that cannot be logged is reported (warning, ``model_errors``), never raised:
+        the study's records matter more than one model.
+        """
+        if self.models is None:
+            return []
+        logged = []
+        for number in numbers:
+            if self.tracker.model_id(number) or not self.tracker.has_trial(number):
+                continue
+            try:
+                if self.models.example is None:
+                    raise TypeError("the model's input is not a single tensor: no MLflow model (log it yourself "
+                                    "from 'autoprune export')")
+                model = self.models.load(number)
+                self.tracker.log_model(number, model, self.models.example, code_paths=self.models.code_paths,
+                                       tags={"autoprune.study": self.study_name})
+                logged.append(number)
+                self.models_logged.append(number)
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                self.model_errors[number] = reason
+                log.warning("could not log trial %d's model to MLflow: %s", number, reason)
+        return logged
 
     def finish(self, status: str) -> None:
         self.tracker.finish_parent(self.parent_id, status)
+
+
+@dataclass
+class Views:
+    files: dict[str, str | bytes]
+    front: list[dict[str, Any]]
+    points: list[charts.Point]
+    hypervolume: float
+    failed: int
+
+
+# ---- autoprune report ----
+def tracker_for(config: SearchConfig) -> Tracker:
+    """The study's MLflow tracker (artifacts in the work dir unless a tracking URI is configured)."""
+    return Tracker(config.tracking_uri, config.experiment_name,
+                   artifact_location=None if config.tracking.uri else (config.work_path / "artifacts").as_uri())
+
+
+@dataclass
+class Regenerated:
+    experiment_id: str
+    parent_run_id: str
+    created_parent: bool
+    files: list[str]
+    front: list[dict[str, Any]]
+    models_logged: list[int]
+    model_errors: dict[int, str]
+    registered: list[tuple[int, str]] = field(default_factory=list)
+
+
+def regenerate(config: SearchConfig, *, register: str | None = None) -> Regenerated:
+    """Bring an existing study's MLflow records up to date: missing child runs, Pareto tags,
+    hypervolume history, every parent-run file, and the Pareto trials' models (optionally
+    registered as versions of registered model ``register``)."""
+    from .search import build_inputs
+    from .study import load_study, make_sampler, open_storage
+
+    study = load_study(open_storage(config.storage_url), config.study.name,
+                       make_sampler(config.study.sampler, config.study.seed))
+    stored = study.user_attrs.get(DENSE_ATTR)
+    if not stored:
+        raise AutopruneError(f"study {config.study.name!r} has no dense baseline yet (it never ran a trial): "
+                             f"nothing to report")
+    baseline = DenseBaseline(**stored)
+    inputs = build_inputs(config)
+    tracker = tracker_for(config)
+    parent = tracker.open_parent(config.study.name)
+    created = parent is None
+    if parent is None:
+        parent = tracker.start_parent(config.study.name, study.user_attrs.get(CONFIG_ATTR) or config.snapshot(),
+                                      asdict(baseline))
+    report = StudyReport(tracker, parent, config.study.name, baseline, space=inputs.space,
+                         models=model_source(config, inputs))
+    report.log_missing(study, inputs.space)
+    rows = report.finalize(study)
+    if created:
+        report.finish("FINISHED")
+    registered = []
+    if register:
+        registered = tracker.register(register, [row["trial"] for row in rows if tracker.model_id(row["trial"])])
+    files = [FRONT_CSV, FRONT_JSON, CHART_HTML, CHART_PNG, SUMMARY_MD] if rows else []
+    return Regenerated(tracker.experiment_id, parent, created, files, rows, list(report.models_logged),
+                       dict(report.model_errors),
+                       registered)

@@ -25,7 +25,7 @@ from .execution import Executor, InProcessExecutor, RayExecutor, TrialPayload
 from .methods import PruneContext
 from .model_io import build_loaders, build_model, import_factory, load_checkpoint
 from .plan import Plan
-from .report import StudyReport
+from .report import StudyReport, model_source
 from .space import SearchSpace, find_head
 from .study import (
     BASELINE_ATTR,
@@ -317,7 +317,8 @@ def run_search(config: SearchConfig, *, resume: bool = False,
         db.record_search(db_url, study_name=config.study.name, storage_url=config.storage_url, snapshot=snapshot,
                          dense_checkpoint=dense_checkpoint(config), experiment_id=tracker.experiment_id,
                          parent_run_id=parent_id)
-        report = StudyReport(tracker, parent_id, config.study.name, baseline)
+        report = StudyReport(tracker, parent_id, config.study.name, baseline, space=inputs.space,
+                             models=model_source(config, inputs))
         if not driver.others_alive():  # a live driver logs its own trials; don't race it
             _drop_half_logged_runs(tracker, parent_id)
             report.log_missing(study, inputs.space)

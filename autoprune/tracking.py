@@ -10,9 +10,10 @@ reuses the parent run and never logs a finished trial twice.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,11 @@ ROLE_TAG = "autoprune.role"
 TRIAL_TAG = "autoprune.trial"
 PARETO_TAG = "pareto"
 RANK_TAG = "pareto_rank"
+MODEL_TAG = "autoprune.model_id"
 PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"
 MAX_PARAM_LENGTH = 6000
+MAX_NOTE_LENGTH = 8000  # MLflow's limit on a tag value
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -63,6 +67,7 @@ class Tracker:
         self._trial_runs: dict[int, str] = {}
         self._pareto: dict[int, str] = {}
         self._rank: dict[int, str] = {}
+        self._models: dict[int, str] = {}
 
     # ---- parent run ----
     def parent_run(self, study_name: str) -> str | None:
@@ -73,12 +78,22 @@ class Tracker:
         )
         return runs[0].info.run_id if runs else None
 
-    def start_parent(self, study_name: str, snapshot: Mapping[str, Any], dense: Mapping[str, float]) -> str:
-        """The study's parent run, created with the config and the dense baseline if new."""
+    def open_parent(self, study_name: str) -> str | None:
+        """The study's existing parent run (its status untouched), with its children loaded."""
         existing = self.parent_run(study_name)
         if existing:
-            self.client.update_run(existing, status="RUNNING")
             self._load_children(existing)
+        return existing
+
+    def refresh(self, parent_id: str) -> None:
+        """Load the child runs (and their tags) that other drivers of the study logged meanwhile."""
+        self._load_children(parent_id)
+
+    def start_parent(self, study_name: str, snapshot: Mapping[str, Any], dense: Mapping[str, float]) -> str:
+        """The study's parent run, created with the config and the dense baseline if new."""
+        existing = self.open_parent(study_name)
+        if existing:
+            self.client.update_run(existing, status="RUNNING")
             return existing
         run = self.client.create_run(self.experiment_id, run_name=study_name,
                                      tags={STUDY_TAG: study_name, ROLE_TAG: "study"})
@@ -103,6 +118,8 @@ class Tracker:
                 self._trial_runs[number] = run.info.run_id
                 self._pareto[number] = run.data.tags.get(PARETO_TAG, "")
                 self._rank[number] = run.data.tags.get(RANK_TAG, "")
+                if MODEL_TAG in run.data.tags:
+                    self._models[number] = run.data.tags[MODEL_TAG]
 
     # ---- child runs ----
     def has_trial(self, number: int) -> bool:
@@ -153,19 +170,137 @@ class Tracker:
             self._pareto[number], self._rank[number] = flag, rank
         return changed
 
-    def log_front(self, parent_id: str, csv_text: str, chart_html: str | None, summary: Mapping[str, float]) -> None:
+    # ---- parent run: front artifacts and histories ----
+    def log_files(self, run_id: str, files: Mapping[str, str | bytes], artifact_path: str | None = None) -> None:
+        """Write ``{name: content}`` as artifacts of ``run_id`` in one upload (replacing same-named ones)."""
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "pareto_front.csv"
-            path.write_text(csv_text)
-            self.client.log_artifact(parent_id, str(path))
-            if chart_html is not None:
-                chart = Path(tmp) / "pareto_front.html"
-                chart.write_text(chart_html)
-                self.client.log_artifact(parent_id, str(chart))
-        self.client.log_batch(parent_id, metrics=[Metric(k, float(v), _now(), 0) for k, v in summary.items()])
+            for name, content in files.items():
+                path = Path(tmp) / name
+                if isinstance(content, bytes):
+                    path.write_bytes(content)
+                else:
+                    path.write_text(content, encoding="utf-8")
+            self.client.log_artifacts(run_id, tmp, artifact_path)
+
+    def log_metrics(self, run_id: str, values: Mapping[str, float], step: int = 0) -> None:
+        now = _now()
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def metric_steps(self, run_id: str, key: str) -> set[int]:
+        """The steps already logged in the history of metric ``key``."""
+        return {m.step for m in self.client.get_metric_history(run_id, key)}
+
+    def log_history(self, run_id: str, points: Iterable[tuple[str, float, int, int]]) -> None:
+        """Metric history points ``(key, value, step, timestamp_ms)``."""
+        metrics = [Metric(key, float(value), timestamp, step) for key, value, step, timestamp in points]
+        for chunk in _batched(metrics, 500):
+            self.client.log_batch(run_id, metrics=chunk)
+
+    def set_note(self, run_id: str, markdown: str) -> None:
+        """The run's description in the MLflow UI (rendered as Markdown)."""
+        if len(markdown) > MAX_NOTE_LENGTH:
+            cut = "\n\n(cut here: see the artifact summary.md)\n"
+            markdown = markdown[:MAX_NOTE_LENGTH - len(cut)].rsplit("\n", 1)[0] + cut
+        self.client.set_tag(run_id, NOTE_TAG, markdown)
+
+    # ---- Pareto models ----
+    def model_id(self, number: int) -> str | None:
+        """The MLflow model logged for trial ``number``, if any."""
+        return self._models.get(number)
+
+    def log_model(self, number: int, model: Any, input_example: Any, *, code_paths: Sequence[str] = (),
+                  tags: Mapping[str, str] = ()) -> str:
+        """Log trial ``number``'s pruned model as an MLflow model (the ``mlflow.pytorch`` flavour,
+        with signature and input example) on its child run; returns the model id.
+
+        It is saved as ``pt2`` (``torch.export``), which loads with torch alone and without
+        ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION``; a model ``torch.export`` cannot trace is
+        pickled instead, with the user's model code (``code_paths``) inside the model.
+        """
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model, infer_signature
+
+        run_id = self._trial_runs[number]
+        model = model.eval()
+        example = np.asarray(input_example)
+        with torch.no_grad():
+            output = model(torch.from_numpy(example)).numpy()
+        signature = infer_signature(example, output)
+        requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+        logged = self.client.create_logged_model(
+            self.experiment_id, name=f"trial-{number:04d}", source_run_id=run_id,
+            tags={TRIAL_TAG: str(number), **dict(tags)}, model_type="pruned")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model"
+            meta = Model(artifact_path=logged.artifact_location, run_id=run_id, model_id=logged.model_id,
+                         model_uuid=logged.model_id)
+            try:
+                mlflow.pytorch.save_model(model, str(path), mlflow_model=meta, signature=signature,
+                                          input_example=example, pip_requirements=requirements,
+                                          serialization_format="pt2")
+                fmt = "pt2"
+            except Exception:
+                shutil.rmtree(path, ignore_errors=True)
+                meta = Model(artifact_path=logged.artifact_location, run_id=run_id, model_id=logged.model_id,
+                             model_uuid=logged.model_id)
+                mlflow.pytorch.save_model(model, str(path), mlflow_model=meta, signature=signature,
+                                          input_example=example, pip_requirements=[*requirements, "cloudpickle"],
+                                          code_paths=list(code_paths) or None, serialization_format="pickle")
+                fmt = "pickle"
+            self.client.log_model_artifacts(logged.model_id, str(path))
+        self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        self.client.set_logged_model_tags(logged.model_id, {"serialization_format": fmt})
+        self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, 0)])
+        self.client.set_tag(run_id, MODEL_TAG, logged.model_id)
+        self._models[number] = logged.model_id
+        return logged.model_id
+
+    def model_uri(self, number: int) -> str:
+        """Where trial ``number``'s MLflow model lives; ``mlflow.pytorch.load_model`` takes it."""
+        return self.client.get_logged_model(self._models[number]).artifact_location
+
+    def register(self, name: str, numbers: Iterable[int]) -> list[tuple[int, str]]:
+        """Register the models of trials ``numbers`` as versions of registered model ``name``
+        (a model already registered there is skipped); returns ``(trial, version)`` pairs."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+                raise
+        # one model per trial run: a version already made from the run counts as registered
+        known = {v.run_id: str(v.version) for v in self.client.search_model_versions(f"name = '{name}'")}
+        versions = []
+        for number in numbers:
+            model_id, run_id = self._models[number], self._trial_runs[number]
+            if run_id not in known:
+                # The model's own location, not models:/<id>: MLflow resolves that through the global
+                # tracking URI, not this client's.
+                version = self.client.create_model_version(
+                    name, source=self.client.get_logged_model(model_id).artifact_location,
+                    run_id=run_id, model_id=model_id, tags={TRIAL_TAG: str(number)})
+                known[run_id] = str(version.version)
+            versions.append((number, known[run_id]))
+        return versions
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
+
+
+def find_parent(tracking_uri: str, experiment: str, study_name: str) -> tuple[str, str] | None:
+    """``(experiment id, parent run id)`` of a study, creating nothing; None if absent."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`{STUDY_TAG}` = '{study_name}' and tags.`{ROLE_TAG}` = 'study'", max_results=1)
+    return (found.experiment_id, runs[0].info.run_id) if runs else None
 
 
 def _plan_table(plan: Plan) -> dict[str, list[Any]]:

@@ -49,3 +49,13 @@ stop_postgres() {
   fi
   if [ -n "${PG_DIR:-}" ] && [ -d "$PG_DIR" ]; then rm -rf "$PG_DIR"; fi
 }
+
+# Debian's chromium for the browser tests (tests marked 'browser' skip without it). Playwright drives it
+# through executable_path=/usr/bin/chromium: never 'playwright install' (it downloads a browser build).
+install_chromium() {
+  [ -x /usr/bin/chromium ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) || true
+  fi
+  return 0
+}
