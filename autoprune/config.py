@@ -21,6 +21,7 @@ from .errors import ConfigError
 
 SAMPLERS = ("tpe", "nsga2", "nsga3", "random", "qmc", "gp")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+DEFAULT_BASELINES = (0.25, 0.5, 0.75)
 
 
 class _Strict(BaseModel):
@@ -34,8 +35,9 @@ class StudyConfig(_Strict):
     n_trials: int = Field(20, ge=1)
     sampler: Literal[SAMPLERS] = "tpe"  # type: ignore[valid-type]
     seed: int = 0
-    baselines: list[float] = Field(default_factory=list)
-    """Uniform sparsities enqueued first, with the first configured method, as trivial baselines."""
+    baselines: list[float] | None = None
+    """Uniform sparsities enqueued first, with the first configured method, as trivial baselines;
+    default: those of 0.25, 0.5 and 0.75 inside ``space.sparsity``; ``[]`` for none."""
     db_url: str | None = None
     """autoprune's own database (registry of searches); default: ``sqlite:///<work_dir>/autoprune.db``."""
 
@@ -200,7 +202,23 @@ class SearchConfig(_Strict):
     base_dir: Path = Path(".")
     """Directory of the config file; set by :func:`load_config`, not by users."""
 
+    @model_validator(mode="after")
+    def _baselines_in_range(self) -> SearchConfig:
+        low, high = self.space.sparsity.low, self.space.sparsity.high
+        for value in self.study.baselines or []:
+            if not low <= value <= high:
+                raise ValueError(f"field 'study.baselines': expected sparsities within space.sparsity "
+                                 f"[{low}, {high}], got {value}")
+        return self
+
     # ---- derived values: one place decides the defaults ----
+    @property
+    def baseline_sparsities(self) -> list[float]:
+        if self.study.baselines is not None:
+            return list(self.study.baselines)
+        low, high = self.space.sparsity.low, self.space.sparsity.high
+        return [value for value in DEFAULT_BASELINES if low <= value <= high]
+
     @property
     def work_path(self) -> Path:
         return (self.base_dir / self.work_dir).resolve()
@@ -267,8 +285,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def _describe(error: dict[str, Any]) -> str:
-    field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    field = ".".join(str(part) for part in error["loc"])
     message = error["msg"]
+    if not field:  # a check across sections: its message names the fields itself
+        return message.removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"field {field!r}: unknown key"
     if error["type"] == "missing":

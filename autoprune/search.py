@@ -308,7 +308,7 @@ def run_search(config: SearchConfig, *, resume: bool = False,
     if study is None:
         study = create_study(storage, config.study.name, sampler, snapshot, snapshot_digest(snapshot))
         _enqueue_sensitivity(study, inputs.space, config)
-        _enqueue_baselines(study, inputs.space, config.study.baselines, config.space.methods[0])
+        _enqueue_baselines(study, inputs.space, config.baseline_sparsities, config.space.methods[0])
     driver = Driver(study).start()
     try:
         recovered = driver.recover_stale() if resume else []
