@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -53,7 +57,7 @@ def make_loaders(n=400, batch_size=50):
 '''
 
 TINY_CONFIG = """
-study: {name: tiny, n_trials: 4, sampler: random, seed: 0}
+study: {name: tiny, n_trials: 4, sampler: random, seed: 0, baselines: []}
 work_dir: work
 model:
   factory: "tinymod:make_model"
@@ -76,3 +80,13 @@ def tiny_project(tmp_path: Path) -> Path:
     config = tmp_path / "search.yaml"
     config.write_text(textwrap.dedent(TINY_CONFIG))
     return config
+
+
+@pytest.fixture
+def tiny(tiny_project: Path) -> Iterator[ModuleType]:
+    """The ``tinymod`` module of :func:`tiny_project`, imported (and forgotten afterwards)."""
+    sys.path.insert(0, str(tiny_project.parent))
+    module = importlib.import_module("tinymod")
+    yield module
+    sys.path.remove(str(tiny_project.parent))
+    sys.modules.pop("tinymod", None)

@@ -89,8 +89,9 @@ def test_ready_configs_validate() -> None:
 
 
 def test_baselines_default_to_the_sparsity_range(tiny_project: Path) -> None:
-    assert load_config(tiny_project).baseline_sparsities == [0.25, 0.5, 0.75]  # space.sparsity is [0.1, 0.8]
-    narrow = load_config(tiny_project, ["space.sparsity={low: 0.3, high: 0.6}"])
+    default = load_config(tiny_project, ["study.baselines=null"])
+    assert default.baseline_sparsities == [0.25, 0.5, 0.75]  # space.sparsity is [0.1, 0.8]
+    narrow = load_config(tiny_project, ["study.baselines=null", "space.sparsity={low: 0.3, high: 0.6}"])
     assert narrow.baseline_sparsities == [0.5]
     assert load_config(tiny_project, ["study.baselines=[]"]).baseline_sparsities == []
     with pytest.raises(ConfigError, match=r"field 'study.baselines': expected sparsities within space.sparsity "

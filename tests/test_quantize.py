@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
 import warnings
 from pathlib import Path
 
@@ -107,15 +105,6 @@ def test_unsupported_quantized_modules_and_old_files(tmp_path: Path) -> None:
     assert torch.equal(model_files.load_weights(tmp_path / "v1.pt")["w"], torch.ones(2))
     with pytest.raises(Exception, match=r"no nn\.Linear"):
         quantize.quantize_model(nn.Sequential(nn.Conv2d(1, 2, 3)))
-
-
-@pytest.fixture
-def tiny(tiny_project: Path):
-    sys.path.insert(0, str(tiny_project.parent))
-    module = importlib.import_module("tinymod")
-    yield module
-    sys.path.remove(str(tiny_project.parent))
-    sys.modules.pop("tinymod", None)
 
 
 def test_trial_measures_the_quantized_model(tiny, tmp_path: Path) -> None:

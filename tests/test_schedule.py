@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
-import sys
 from pathlib import Path
 
 import optuna
@@ -120,15 +118,6 @@ def test_rewinding_maps_early_weights_through_the_surgery(name, methods) -> None
         assert kept.keys() == back.keys()
         assert [k for k in kept if not torch.equal(back[k], 2 * kept[k])] == []
         assert any(kept[k].shape != dense.state_dict().get(k, kept[k]).shape for k in kept)  # it did shrink
-
-
-@pytest.fixture
-def tiny(tiny_project: Path):
-    sys.path.insert(0, str(tiny_project.parent))
-    module = importlib.import_module("tinymod")
-    yield module
-    sys.path.remove(str(tiny_project.parent))
-    sys.modules.pop("tinymod", None)
 
 
 def test_rewound_trial_starts_from_early_weights_with_masks_held(tiny, tmp_path: Path) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import optuna
@@ -16,15 +14,6 @@ from autoprune.plan import LayerPlan, Plan
 from autoprune.search import run_search, trial_dir
 from autoprune.training import TrainSettings
 from autoprune.trial import TrialSettings, measure_dense, run_trial
-
-
-@pytest.fixture
-def tiny(tiny_project: Path):
-    sys.path.insert(0, str(tiny_project.parent))
-    module = importlib.import_module("tinymod")
-    yield module
-    sys.path.remove(str(tiny_project.parent))
-    sys.modules.pop("tinymod", None)
 
 
 def test_unstructured_trial_reaches_sparsity_and_shrinks_file(tiny) -> None:
