@@ -335,6 +335,15 @@ def _process_start(pid: int) -> str | None:
     return None if fields[0] in ("Z", "X") else fields[19]
 
 
+def machine_id() -> str:
+    """This machine: host name and kernel boot id (containers on one host have distinct host names)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
 def _process_alive(pid: int, start: str | None) -> bool:
     if Path("/proc/self/stat").exists():
         now_start = _process_start(pid)
@@ -353,7 +362,7 @@ def driver_gone(record: Mapping[str, Any], now: float | None = None, stale_after
     now = time.time() if now is None else now
     if record.get("stopped"):
         return True
-    if record.get("host") == socket.gethostname() and not _process_alive(int(record["pid"]), record.get("start")):
+    if record.get("machine") == machine_id() and not _process_alive(int(record["pid"]), record.get("start")):
         return True
     return now - float(record.get("heartbeat", 0)) > stale_after_s
 
@@ -445,14 +454,19 @@ class Driver:
         self.id = uuid.uuid4().hex[:12]
         self.lock = StudyLock(self.study._storage, self.study.study_name)
         self._stop = threading.Event()
+        self._beat_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._record = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
+        self._record = {"host": socket.gethostname(), "machine": machine_id(), "pid": os.getpid(),
+                        "start": _process_start(os.getpid()),
                         "started_at": time.time(), "heartbeat": time.time(), "stopped": False}
 
     # ---- identity and heartbeat ----
     def beat(self, stopped: bool = False) -> None:
-        self._record.update(heartbeat=time.time(), stopped=stopped)
-        self.study.set_user_attr(DRIVER_PREFIX + self.id, dict(self._record))
+        with self._beat_lock:
+            if self._stop.is_set() and not stopped:
+                return  # never revive a driver that announced it stopped
+            self._record.update(heartbeat=time.time(), stopped=stopped)
+            self.study.set_user_attr(DRIVER_PREFIX + self.id, dict(self._record))
 
     def start(self) -> Driver:
         self.beat()
@@ -467,13 +481,18 @@ class Driver:
             except Exception as exc:  # the main thread reports storage trouble; keep beating
                 log.warning("driver %s: heartbeat failed: %s", self.id, str(exc).splitlines()[0] if str(exc) else exc)
 
-    def stop(self) -> None:
-        """Stop the heartbeat and mark this driver stopped, so its unfinished trials are recovered at once."""
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the heartbeat and mark this driver stopped, so its unfinished trials are recovered at once.
+        Waits at most ``timeout`` s (the database may be gone; then the missing heartbeat tells the rest)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.heartbeat_s + STORAGE_RETRY_S)
-        with contextlib.suppress(Exception):
-            self.beat(stopped=True)
+
+        def last_beat() -> None:
+            with contextlib.suppress(Exception):
+                self.beat(stopped=True)
+
+        final = threading.Thread(target=last_beat, name=f"autoprune-stop-{self.id}", daemon=True)
+        final.start()
+        final.join(timeout)
 
     # ---- trials ----
     def ask(self, distributions: Mapping[str, BaseDistribution], target: int) -> optuna.Trial | None:

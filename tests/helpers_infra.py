@@ -270,6 +270,7 @@ def write_fault_module(project: Path, actions: list[str], slow_s: float = 2.0) -
     """``faultmod.py`` beside the tiny project; returns its control directory (attempt files appear there)."""
     control = project / "attempts"
     control.mkdir(exist_ok=True)
+    sys.modules.pop("faultmod", None)  # an earlier test's copy (another CONTROL) must not be reused
     (project / "faultmod.py").write_text(textwrap.dedent(FAULT_MODULE.format(
         control=str(control), actions=list(actions), slow_s=slow_s)))
     return control

@@ -9,6 +9,7 @@ worker claims the next scripted action.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -56,11 +57,17 @@ def _sets(overrides: list[str]) -> list[str]:
     return args
 
 
+@functools.cache
+def _storage(url: str) -> optuna.storages.RDBStorage:
+    """One storage (one connection pool) per database for the test's polling."""
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+
+
 def _trials(storage: str, name: str = "tiny") -> list[optuna.trial.FrozenTrial]:
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
         return []  # the driver has not got that far
     try:
-        return optuna.load_study(study_name=name, storage=storage).get_trials()
+        return optuna.load_study(study_name=name, storage=_storage(storage)).get_trials()
     except KeyError:  # not created yet
         return []
 

@@ -5,7 +5,6 @@ one database per store."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -32,6 +31,7 @@ from autoprune.study import (
     ensure_distinct_stores,
     is_transient,
     load_study,
+    machine_id,
     make_sampler,
     open_storage,
     pareto_trials,
@@ -83,13 +83,13 @@ def test_recovery_spares_live_drivers(backend: str, tmp_path: Path) -> None:
         study = _new(urls["optuna"])
         me = Driver(study, heartbeat_s=3600).start()
         now = time.time()
-        host = socket.gethostname()
+        here, away = machine_id(), "elsewhere/boot"
         others = {
-            "dead-pid": {"host": host, "pid": _dead_pid(), "start": None, "heartbeat": now, "stopped": False},
-            "stopped": {"host": "elsewhere", "pid": 1, "heartbeat": now, "stopped": True},
-            "silent": {"host": "elsewhere", "pid": 1, "heartbeat": now - 3600, "stopped": False},
-            "live-here": {"host": host, "pid": os.getpid(), "heartbeat": now, "stopped": False},
-            "live-away": {"host": "elsewhere", "pid": 1, "heartbeat": now, "stopped": False},
+            "dead-pid": {"machine": here, "pid": _dead_pid(), "start": None, "heartbeat": now, "stopped": False},
+            "stopped": {"machine": away, "pid": 1, "heartbeat": now, "stopped": True},
+            "silent": {"machine": away, "pid": 1, "heartbeat": now - 3600, "stopped": False},
+            "live-here": {"machine": here, "pid": os.getpid(), "heartbeat": now, "stopped": False},
+            "live-away": {"machine": away, "pid": 1, "heartbeat": now, "stopped": False},
         }
         for driver_id, record in others.items():
             study.set_user_attr(DRIVER_PREFIX + driver_id, record)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..errors import StorageError
@@ -206,7 +207,10 @@ def record_search(url: str, *, study_name: str, storage_url: str, snapshot: Mapp
             session.expunge(row)
             return row
 
-    return call_with_retries(write, url, "record search", retry_s=30)
+    try:
+        return call_with_retries(write, url, "record search", retry_s=30)
+    except IntegrityError:  # another driver inserted the row first: update it
+        return call_with_retries(write, url, "record search", retry_s=30)
 
 
 def list_searches(url: str) -> list[dict[str, Any]]:
