@@ -280,10 +280,17 @@ for _name in _RETRIED:
 
 def open_storage(url: str, retry_s: float = STORAGE_RETRY_S) -> ResilientStorage:
     """Open (and create tables in) the Optuna RDB storage at ``url``; later calls ride out restarts."""
-    try:
-        storage = ResilientStorage(url, engine_kwargs={"pool_pre_ping": True})
-    except Exception as exc:
-        raise StorageError(f"field 'study.storage': cannot open {safe_url(url)}: {_first_line(exc, url)}") from None
+    for attempt in range(3):
+        try:
+            storage = ResilientStorage(url, engine_kwargs={"pool_pre_ping": True})
+            break
+        except sa_exc.IntegrityError:  # another process created Optuna's tables at the same moment: look again
+            if attempt == 2:
+                raise StorageError(f"field 'study.storage': cannot create Optuna's tables in {safe_url(url)}") from None
+            time.sleep(0.5)
+        except Exception as exc:
+            raise StorageError(f"field 'study.storage': cannot open {safe_url(url)}: {_first_line(exc, url)}"
+                               ) from None
     storage.retry_s = retry_s
     return storage
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from helpers_infra import (
     PG_CTL,
     PG_URL,
@@ -68,7 +69,7 @@ def _trials(storage: str, name: str = "tiny") -> list[optuna.trial.FrozenTrial]:
         return []  # the driver has not got that far
     try:
         return optuna.load_study(study_name=name, storage=_storage(storage)).get_trials()
-    except KeyError:  # not created yet
+    except (KeyError, sqlalchemy.exc.IntegrityError):  # not created yet, or being created by the driver
         return []
 
 
