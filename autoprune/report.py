@@ -51,9 +51,13 @@ class ModelSource:
     code_paths: tuple[str, ...] = ()  # the user's model module, for models torch.export cannot trace
 
 
-def model_source(config: SearchConfig, inputs: Inputs) -> ModelSource:
-    """The trial models of ``config``'s work dir, with a validation batch as input example."""
+def model_source(config: SearchConfig, inputs: Inputs) -> ModelSource | None:
+    """The trial models of ``config``'s work dir, with a validation batch as input example;
+    None when ``tracking.log_models`` is off (no MLflow models are logged then)."""
     import torch
+
+    if not config.tracking.log_models:
+        return None
 
     from . import model_files
     from .search import trial_dir  # search imports this module

@@ -339,3 +339,18 @@ def test_ui_refuses_a_missing_store(tiny_project: Path, tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "no MLflow store at" in proc.stderr and "autoprune run" in proc.stderr
     assert not (tiny_project.parent / "work" / "mlflow.db").exists()
+
+
+def test_log_models_off_logs_no_models(tiny_project: Path) -> None:
+    from autoprune.config import load_config
+    from autoprune.search import run_search
+
+    config = load_config(tiny_project, ["execution.backend=in_process", "study.n_trials=2",
+                                        "model.pretrain.epochs=1", "tracking.log_models=false"])
+    summary = run_search(config)
+    assert summary.front
+    client = MlflowClient(config.tracking_uri)
+    exp = client.get_experiment_by_name("tiny")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("autoprune.role") == "trial"]
+    assert len(runs) == 2
+    assert not any(MODEL_TAG in r.data.tags for r in runs)
