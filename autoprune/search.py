@@ -398,9 +398,9 @@ def _loop(config: SearchConfig, study: optuna.Study, space: SearchSpace, executo
             where = executor.placements.pop(number, None)
             attrs = {WORKER_ATTR: where} if where else {}
             if isinstance(outcome, str):
-                failed += 1
                 if not tell_failure(study, trial, outcome, attrs):
                     continue  # another driver took the trial over as stale; its copy runs instead
+                failed += 1
                 front_size = report.trial_finished(study, number, plan, trial.user_attrs, None, outcome)
                 message = f"trial {number} failed: {outcome.splitlines()[-1][:120]}"
             else:
