@@ -249,6 +249,8 @@ def sensitivity(
 
 
 def _print_sensitivity(cfg, config_path: Path, result) -> None:
+    from .study import safe_url
+
     table = Table(title=f"Accuracy without fine-tuning, one unit pruned at a time (dense {result.dense_accuracy:.4f});"
                         f" bound = largest sparsity with drop <= {result.max_drop:g}")
     table.add_column("unit")
@@ -271,7 +273,8 @@ def _print_sensitivity(cfg, config_path: Path, result) -> None:
     out.print(f"wrote {result.path} in {result.seconds:.1f} s", highlight=False)
     if result.parent_run_id:
         out.print(f"MLflow: artifacts sensitivity/sensitivity.png and sensitivity/sensitivity.json on the parent "
-                  f"run {result.parent_run_id} of study {cfg.study.name!r} in {cfg.tracking_uri}", highlight=False)
+                  f"run {result.parent_run_id} of study {cfg.study.name!r} in {safe_url(cfg.tracking_uri)}",
+                  highlight=False)
     seeds = "\n".join(f"  {i}. {label}: {_seed_text(params)}" for i, (label, params) in enumerate(result.seeds, 1))
     if result.study_exists:
         out.print(f"next: study {cfg.study.name!r} already exists, and 'autoprune resume' ignores sensitivity.json. "

@@ -22,7 +22,7 @@ from . import charts, pareto
 from .errors import AutopruneError
 from .plan import Plan, TrialResult
 from .space import SearchSpace
-from .study import BASELINE_ATTR, CONFIG_ATTR, DENSE_ATTR, REASON_ATTR
+from .study import BASELINE_ATTR, CONFIG_ATTR, DENSE_ATTR, EXTRA_ATTR, REASON_ATTR
 from .tracking import Tracker
 from .trial import DenseBaseline
 
@@ -116,7 +116,8 @@ class StudyReport:
                 continue
             plan = space.decode(trial.params) if trial.params else Plan(())
             if trial.state == TrialState.COMPLETE:
-                result = TrialResult(**{k: trial.user_attrs[k] for k in fields})
+                result = TrialResult(**{k: trial.user_attrs[k] for k in fields},
+                                     extra=dict(trial.user_attrs.get(EXTRA_ATTR, {})))
                 self.trial_finished(study, trial.number, plan, trial.user_attrs, result, None)
             elif trial.state == TrialState.FAIL:
                 reason = str(trial.user_attrs.get(REASON_ATTR, "unknown"))

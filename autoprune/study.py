@@ -61,6 +61,7 @@ DENSE_ATTR = "autoprune.dense"
 REASON_ATTR = "fail_reason"
 STALE_ATTR = "autoprune.stale"
 BASELINE_ATTR = "autoprune.baseline"
+EXTRA_ATTR = "autoprune.extra"
 RETRY_OF_ATTR = "autoprune.retry_of"
 DRIVER_ATTR = "autoprune.driver"
 """Trial user attribute: the id of the driver that asked for the trial."""
@@ -582,7 +583,7 @@ def tell_success(study: optuna.Study, trial: optuna.Trial, result: TrialResult,
                  attrs: Mapping[str, Any] | None = None) -> bool:
     """Record a complete trial; False if another driver had already marked it stale (result dropped)."""
     try:
-        _set_attrs(trial, {**result.as_metrics(), **(attrs or {})})
+        _set_attrs(trial, {**result.as_metrics(), EXTRA_ATTR: dict(result.extra), **(attrs or {})})
         study.tell(trial, [result.accuracy, float(result.size_bytes), result.latency_ms])
     except (UpdateFinishedTrialError, ValueError):
         if not _taken_over(study, trial):
