@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -78,18 +79,21 @@ def _search(config_path: Path, overrides: list[str] | None, resume: bool) -> Non
         out.print(f"re-enqueued trials left running by a stopped driver: {summary.recovered}")
     out.print(f"done: {summary.completed} complete, {summary.failed} failed; MLflow parent run "
               f"{summary.parent_run_id} in {safe_url(config.tracking_uri)}")
-    _print_front(summary.front, summary.dense.accuracy)
+    _print_front(summary.front, asdict(summary.dense))
 
 
-def _print_front(rows: list[dict], dense_accuracy: float | None = None) -> None:
-    title = "Pareto front" + (f" (dense accuracy {dense_accuracy:.4f})" if dense_accuracy is not None else "")
-    table = Table(title=title)
+def _print_front(rows: list[dict], dense: dict | None = None) -> None:
+    """The front as a table, with the dense model as its last row for comparison."""
+    table = Table(title="Pareto front")
     for column in ("trial", "accuracy", "acc. drop", "size (bytes)", "latency (ms)", "params", "MACs"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(str(row["trial"]), f"{row['accuracy']:.4f}", f"{row['accuracy_drop']:+.4f}",
                       f"{row['size_bytes']:,}", f"{row['latency_ms']:.4f}", f"{row['params']:,}",
                       f"{row['macs']:,}")
+    if dense:
+        table.add_row("dense", f"{dense['accuracy']:.4f}", "", f"{dense['size_bytes']:,}",
+                      f"{dense['latency_ms']:.4f}", f"{dense['params']:,}", f"{dense['macs']:,}", style="dim")
     out.print(table)
 
 
@@ -123,7 +127,7 @@ def front(config: ConfigArg, set_: SetOpt = None,
             sys.stdout.write(json.dumps(rows, indent=2) + "\n")
             return
         dense = study.user_attrs.get(DENSE_ATTR) or {}
-        _print_front(rows, dense.get("accuracy"))
+        _print_front(rows, dense or None)
 
 
 @app.command()
