@@ -6,11 +6,19 @@ import importlib
 import os
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from autoprune.plan import Plan
+from autoprune.training import TrainSettings
+from autoprune.trial import DenseBaseline, TrialOutput, TrialSettings, measure_dense, run_trial
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -90,3 +98,33 @@ def tiny(tiny_project: Path) -> Iterator[ModuleType]:
     yield module
     sys.path.remove(str(tiny_project.parent))
     sys.modules.pop("tinymod", None)
+
+
+@dataclass
+class TrialSetup:
+    """A seeded tiny dense model, its data, cheap trial settings and its measured baseline."""
+
+    dense: nn.Module
+    train_loader: DataLoader
+    val_loader: DataLoader
+    settings: TrialSettings
+    baseline: DenseBaseline
+
+    def run(self, plan: Plan) -> TrialOutput:
+        return run_trial(self.dense, self.train_loader, self.val_loader, plan, self.settings, self.baseline)
+
+
+@pytest.fixture
+def tiny_setup(tiny: ModuleType) -> Callable[..., TrialSetup]:
+    """``tiny_setup(epochs=1)``: a :class:`TrialSetup` on the tiny CNN, fine-tuning ``epochs`` per trial."""
+
+    def make(epochs: int = 1) -> TrialSetup:
+        torch.manual_seed(0)
+        dense = tiny.make_model()
+        train_loader, val_loader = tiny.make_loaders()
+        settings = TrialSettings(finetune=TrainSettings(epochs=epochs), protected=frozenset({"fc"}),
+                                 latency_rounds=1, latency_min_run_time=0.01)
+        baseline = measure_dense(dense, val_loader, settings, min_run_time=0.02)
+        return TrialSetup(dense, train_loader, val_loader, settings, baseline)
+
+    return make

@@ -13,8 +13,6 @@ from zoo import ZOO
 from autoprune import model_files, quantize
 from autoprune.measure import evaluate_accuracy
 from autoprune.plan import LayerPlan, Plan
-from autoprune.training import TrainSettings
-from autoprune.trial import TrialSettings, measure_dense, run_trial
 
 
 def mlp() -> nn.Module:
@@ -107,16 +105,12 @@ def test_unsupported_quantized_modules_and_old_files(tmp_path: Path) -> None:
         quantize.quantize_model(nn.Sequential(nn.Conv2d(1, 2, 3)))
 
 
-def test_trial_measures_the_quantized_model(tiny, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    dense = tiny.make_model()
-    train_loader, val_loader = tiny.make_loaders()
-    settings = TrialSettings(finetune=TrainSettings(epochs=1), protected=frozenset({"fc"}), latency_rounds=2,
-                             latency_min_run_time=0.01)
-    baseline = measure_dense(dense, val_loader, settings, min_run_time=0.05)
+def test_trial_measures_the_quantized_model(tiny_setup, tmp_path: Path) -> None:
+    setup = tiny_setup(epochs=1)
+    baseline = setup.baseline
     layers = (LayerPlan("conv2", "l1_unstructured", 0.6),)
-    plain = run_trial(dense, train_loader, val_loader, Plan(layers), settings, baseline).result
-    output = run_trial(dense, train_loader, val_loader, Plan(layers, quantize=True), settings, baseline)
+    plain = setup.run(Plan(layers)).result
+    output = setup.run(Plan(layers, quantize=True))
     result = output.result
     assert result.extra["quantized"] == 1.0 and plain.extra["quantized"] == 0.0
     assert result.size_bytes < plain.size_bytes  # fc (2560 weights) stored as int8
@@ -127,5 +121,5 @@ def test_trial_measures_the_quantized_model(tiny, tmp_path: Path) -> None:
     (tmp_path / model_files.SKELETON_FILE).write_bytes(output.skeleton)
     reloaded = model_files.load_model(tmp_path)
     assert quantize.is_quantized_linear(reloaded.fc)
-    assert evaluate_accuracy(reloaded, val_loader) == result.accuracy  # accuracy of the quantized model
+    assert evaluate_accuracy(reloaded, setup.val_loader) == result.accuracy  # accuracy of the quantized model
     assert 0 <= result.extra["accuracy_before_quantization"] <= 1

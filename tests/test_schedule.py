@@ -150,18 +150,13 @@ def test_rewound_trial_starts_from_early_weights_with_masks_held(tiny, tmp_path:
             assert torch.equal(weights["fc.weight"], early["fc.weight"])  # every weight is rewound
 
 
-def test_iterative_trial_completes(tiny) -> None:
-    torch.manual_seed(0)
-    dense = tiny.make_model()
-    train_loader, val_loader = tiny.make_loaders()
-    settings = TrialSettings(finetune=TrainSettings(epochs=1), protected=frozenset({"fc"}), latency_rounds=1,
-                             latency_min_run_time=0.01)
-    baseline = measure_dense(dense, val_loader, settings, min_run_time=0.02)
+def test_iterative_trial_completes(tiny_setup) -> None:
+    setup = tiny_setup(epochs=1)
     plan = Plan((LayerPlan("conv1", "l1_structured", 0.5), LayerPlan("conv2", "l1_unstructured", 0.7)),
                 schedule="iterative", rounds=3, quantize=True)
-    result = run_trial(dense, train_loader, val_loader, plan, settings, baseline).result
+    result = setup.run(plan).result
     assert result.extra["rounds"] == 3.0 and result.extra["quantized"] == 1.0
-    assert result.params < baseline.params and result.train_seconds > 0
+    assert result.params < setup.baseline.params and result.train_seconds > 0
     assert 0 <= result.accuracy <= 1
 
 

@@ -12,19 +12,12 @@ from autoprune.config import load_config
 from autoprune.model_files import load_model
 from autoprune.plan import LayerPlan, Plan
 from autoprune.search import run_search, trial_dir
-from autoprune.training import TrainSettings
-from autoprune.trial import TrialSettings, measure_dense, run_trial
 
 
-def test_unstructured_trial_reaches_sparsity_and_shrinks_file(tiny) -> None:
-    torch.manual_seed(0)
-    dense = tiny.make_model()
-    train_loader, val_loader = tiny.make_loaders()
-    settings = TrialSettings(finetune=TrainSettings(epochs=1), protected=frozenset({"fc"}), latency_rounds=2,
-                             latency_min_run_time=0.01)
-    baseline = measure_dense(dense, val_loader, settings, min_run_time=0.05)
-    plan = Plan((LayerPlan("conv2", "l1_unstructured", 0.8), LayerPlan("conv1", "l1_unstructured", 0.5)))
-    output = run_trial(dense, train_loader, val_loader, plan, settings, baseline)
+def test_unstructured_trial_reaches_sparsity_and_shrinks_file(tiny_setup) -> None:
+    setup = tiny_setup(epochs=1)
+    dense, baseline = setup.dense, setup.baseline
+    output = setup.run(Plan((LayerPlan("conv2", "l1_unstructured", 0.8), LayerPlan("conv1", "l1_unstructured", 0.5))))
     result = output.result
     conv1, conv2 = dense.conv1.weight.numel(), dense.conv2.weight.numel()
     expected_zeros = round(0.8 * conv2) + round(0.5 * conv1)
@@ -37,17 +30,11 @@ def test_unstructured_trial_reaches_sparsity_and_shrinks_file(tiny) -> None:
     assert dense.conv2.weight.count_nonzero() == conv2  # the dense model was not touched
 
 
-def test_structured_trial_shrinks_model(tiny) -> None:
-    torch.manual_seed(0)
-    dense = tiny.make_model()
-    train_loader, val_loader = tiny.make_loaders()
-    settings = TrialSettings(finetune=TrainSettings(epochs=0), protected=frozenset({"fc"}), latency_rounds=1,
-                             latency_min_run_time=0.01)
-    baseline = measure_dense(dense, val_loader, settings, min_run_time=0.05)
-    output = run_trial(dense, train_loader, val_loader, Plan((LayerPlan("conv1", "l1_structured", 0.5),)),
-                       settings, baseline)
-    assert output.result.params < baseline.params
-    assert output.result.macs < baseline.macs
+def test_structured_trial_shrinks_model(tiny_setup) -> None:
+    setup = tiny_setup(epochs=0)
+    output = setup.run(Plan((LayerPlan("conv1", "l1_structured", 0.5),)))
+    assert output.result.params < setup.baseline.params
+    assert output.result.macs < setup.baseline.macs
 
 
 def test_failing_trials_are_recorded_and_search_goes_on(tiny_project: Path) -> None:
