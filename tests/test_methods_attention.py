@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO, HFStyleAttention, ZooEntry
+from zoo import ZOO, HFStyleAttention, ZooEntry, fine_tune
 
 from autoprune.errors import UnsupportedLayerError
 from autoprune.methods import PruneContext, get_method
@@ -74,7 +74,7 @@ def test_heads_pruned_transformer_fine_tunes_and_keeps_the_encoder_fast_path_off
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model.encoder(model.embed(x), src_key_padding_mask=padding)).all()
-    losses = _fine_tune(model, entry)
+    losses = fine_tune(model, entry)
     assert losses[-1] < losses[0]
 
 
@@ -224,15 +224,3 @@ def test_mlp_neurons_units_and_errors() -> None:
         get_method("mlp_neurons").prune(model, {"layers.0.mlp.fc2": 0.5}, _context(entry))
 
 
-def _fine_tune(model: nn.Module, entry: ZooEntry, steps: int = 8) -> list[float]:
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    inputs, labels = entry.batches(count=1, batch=8, seed=3)[0]
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(inputs), labels)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO, ZooEntry
+from zoo import ZOO, ZooEntry, fine_tune
 
 from autoprune.errors import AutopruneError, UnsupportedLayerError
 from autoprune.methods import PruneContext, get_method
@@ -154,7 +154,7 @@ def test_masked_equivalence_check_is_sensitive() -> None:
     assert (model(x) - outputs["wrong"]).abs().max() > 1e-3
 
 
-def test_transformer_ffn_channels_fine_tune() -> None:
+def test_transformer_ffn_channelsfine_tune() -> None:
     """Generic channel pruning of the feed-forward of a stock TransformerEncoder trains afterwards."""
     entry = ZOO["transformer"]
     model = entry.build(seed=1)
@@ -162,22 +162,10 @@ def test_transformer_ffn_channels_fine_tune() -> None:
         model, {"encoder.layers.0.linear1": 0.5, "encoder.layers.1.linear1": 0.75}, _context(entry)
     )
     assert model.encoder.layers[1].linear1.out_features == 8
-    losses = _fine_tune(model, entry)
+    losses = fine_tune(model, entry)
     assert losses[-1] < losses[0]
 
 
-def _fine_tune(model: nn.Module, entry: ZooEntry, steps: int = 8) -> list[float]:
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    inputs, labels = entry.batches(count=1, batch=8, seed=3)[0]
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(inputs), labels)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
 
 
 class ChannelScale(nn.Module):

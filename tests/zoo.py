@@ -258,3 +258,18 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry("hf", TinyHFModel, lambda b, g: torch.randint(0, 50, (b, 6), generator=g), 3, "classifier"),
     )
 }
+
+
+def fine_tune(model: nn.Module, entry: ZooEntry, steps: int = 8) -> list[float]:
+    """A few Adam steps on one fixed batch: the losses, to check a pruned model still trains."""
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    inputs, labels = entry.batches(count=1, batch=8, seed=3)[0]
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs), labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
