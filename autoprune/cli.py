@@ -99,7 +99,12 @@ def _print_front(rows: list[dict], dense: dict | None = None) -> None:
 
 @app.command()
 def run(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Start a new search from CONFIG and print its Pareto front."""
+    """Start a new search from CONFIG and print its Pareto front.
+
+    The study (Optuna), the MLflow store, the dense model and every trial's pruned model go under
+    the config's work_dir. Stop it any time (Ctrl-C): 'autoprune resume CONFIG' continues it.
+    Then: 'autoprune front CONFIG', 'autoprune ui CONFIG', 'autoprune export CONFIG --trial N --out F'.
+    """
     with _user_errors():
         _search(config, set_, resume=False)
 
