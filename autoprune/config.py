@@ -109,6 +109,10 @@ class SpaceConfig(_Strict):
     calibration_batches: int = Field(2, ge=0)
     quantize: Literal["never", "search", "always"] = "never"
     """int8 dynamic quantization of Linear layers after fine-tuning: never, a yes/no search choice, or always."""
+    sensitivity_bounds: bool = False
+    """Cap each unit's sparsity at its bound in ``<work_dir>/sensitivity.json`` plus ``sensitivity_margin``
+    (``autoprune sensitivity`` writes it); decided when the study is created, kept on resume."""
+    sensitivity_margin: float = Field(0.1, ge=0.0, lt=1.0)
     schedules: list[Literal["oneshot", "iterative"]] = Field(default_factory=lambda: ["oneshot"], min_length=1)
     """Pruning schedules to choose from; more than one makes ``schedule`` a search choice."""
     iterative_rounds: int = Field(3, ge=2, le=100)

@@ -30,6 +30,7 @@ from .space import SearchSpace, find_head
 from .study import (
     BASELINE_ATTR,
     DENSE_ATTR,
+    UNIT_HIGH_ATTR,
     WORKER_ATTR,
     Driver,
     counted_trials,
@@ -255,6 +256,21 @@ def _enqueue_baselines(study: optuna.Study, space: SearchSpace, sparsities: list
                             user_attrs={BASELINE_ATTR: f"uniform {method} {sparsity:g}"})
 
 
+def _sensitivity_highs(config: SearchConfig, space: SearchSpace) -> dict[str, float] | None:
+    """Per-unit sparsity caps for a new study from ``<work_dir>/sensitivity.json``, when
+    ``space.sensitivity_bounds`` asks for them; a missing or stale file is a config error."""
+    if not config.space.sensitivity_bounds:
+        return None
+    from .errors import ConfigError
+    from .sensitivity import read_bounds, unit_highs
+
+    try:
+        bounds, _ = read_bounds(config, space)
+    except ValueError as exc:
+        raise ConfigError(f"field 'space.sensitivity_bounds': {exc}") from None
+    return unit_highs(bounds, config.space.sensitivity_margin)
+
+
 def _enqueue_sensitivity(study: optuna.Study, space: SearchSpace, config: SearchConfig) -> None:
     """Seed a new study from ``<work_dir>/sensitivity.json`` (``autoprune sensitivity``), if there is one."""
     from .sensitivity import SENSITIVITY_ATTR, seed_trials
@@ -301,14 +317,19 @@ def run_search(config: SearchConfig, *, resume: bool = False,
     else:
         ensure_absent(storage, config.study.name)
         study = None
+    highs = _sensitivity_highs(config, inputs.space) if study is None else None  # checked before writing
     snapshot = safe_snapshot(config.snapshot())  # passwords masked: stored in the study and logged to MLflow
     tracker = Tracker(config.tracking_uri, config.experiment_name,
                       artifact_location=None if config.tracking.uri else (config.work_path / "artifacts").as_uri())
     dense = ensure_dense(config, inputs)
     if study is None:
         study = create_study(storage, config.study.name, sampler, snapshot, snapshot_digest(snapshot))
+        if highs:
+            study.set_user_attr(UNIT_HIGH_ATTR, highs)
         _enqueue_sensitivity(study, inputs.space, config)
         _enqueue_baselines(study, inputs.space, config.baseline_sparsities, config.space.methods[0])
+    # per-unit caps are decided once, when the study is created: a resume uses the stored ones
+    inputs.space = inputs.space.with_unit_highs(study.user_attrs.get(UNIT_HIGH_ATTR) or {})
     driver = Driver(study).start()
     try:
         recovered = driver.recover_stale() if resume else []

@@ -274,22 +274,39 @@ def seed_trials(config: SearchConfig, space: SearchSpace) -> list[tuple[str, dic
     if not path.is_file():
         return []
     try:
+        bounds, max_drop = read_bounds(config, space)
+    except ValueError as exc:
+        log.warning("%s: not used to seed the study (%s)", path, exc)
+        return []
+    return seed_params(space, bounds, max_drop)
+
+
+def read_bounds(config: SearchConfig, space: SearchSpace) -> tuple[dict[str, dict[str, Any]], float]:
+    """The per-unit bounds and max drop of ``<work_dir>/sensitivity.json``.
+
+    Raises ``ValueError`` saying why the file cannot be used (absent, unreadable,
+    measured on another model or data config, no unit in common with ``space``).
+    """
+    path = config.work_path / SENSITIVITY_FILE
+    try:
         data = json.loads(path.read_text())
         if data.get("version") != FORMAT_VERSION:
             raise ValueError(f"format version {data.get('version')!r}, expected {FORMAT_VERSION}")
         bounds = data["bounds"]
         max_drop = float(data["max_drop"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("%s: not used to seed the study (%s); rerun 'autoprune sensitivity'", path, exc)
-        return []
+        raise ValueError(f"cannot read {path}: {exc}; run 'autoprune sensitivity' first") from None
     if data.get("fingerprint") != fingerprint(config):
-        log.warning("%s: measured with another model/data config; not used to seed the study "
-                    "(rerun 'autoprune sensitivity')", path)
-        return []
+        raise ValueError(f"{path} was measured with another model/data config; rerun 'autoprune sensitivity'")
     if not any(unit.name in bounds for unit in space.units):
-        log.warning("%s: no unit in common with the search space; not used to seed the study", path)
-        return []
-    return seed_params(space, bounds, max_drop)
+        raise ValueError(f"{path} has no unit in common with the search space")
+    return bounds, max_drop
+
+
+def unit_highs(bounds: Mapping[str, Mapping[str, Any]], margin: float) -> dict[str, float]:
+    """Per-unit upper sparsity: the bound measured without fine-tuning plus ``margin``, since
+    fine-tuning recovers part of the loss (removable blocks keep their yes/no choice)."""
+    return {unit: float(entry["sparsity"]) + margin for unit, entry in bounds.items() if "sparsity" in entry}
 
 
 # ---- output ----

@@ -12,8 +12,9 @@ Only Optuna's distribution classes are used here: no study, no sampler.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from torch import nn
@@ -72,6 +73,21 @@ class SearchSpace:
     schedules: tuple[str, ...] = ("oneshot",)
     iterative_rounds: int = 3
     rewind: str = "never"
+    unit_high: tuple[tuple[str, float], ...] = ()
+    """Per-unit upper sparsity below ``high`` (from a sensitivity analysis); other units use ``high``."""
+
+    def with_unit_highs(self, highs: Mapping[str, float]) -> SearchSpace:
+        """This space with each named unit's sparsity range capped at its value (never below ``low``)."""
+        return replace(self, unit_high=tuple(sorted((name, float(value)) for name, value in highs.items())))
+
+    def high_of(self, unit: str) -> float:
+        """The upper sparsity of ``unit``: ``high``, or its cap snapped down to ``step`` and kept >= ``low``."""
+        cap = dict(self.unit_high).get(unit)
+        if cap is None or cap >= self.high:
+            return self.high
+        if self.step:
+            cap = self.low + math.floor((cap - self.low) / self.step + 1e-9) * self.step
+        return max(self.low, round(cap, 10))
 
     @classmethod
     def from_model(
@@ -127,7 +143,7 @@ class SearchSpace:
                 continue
             if len(unit.methods) > 1:
                 dists[f"{unit.name}/method"] = CategoricalDistribution(unit.methods)
-            dists[f"{unit.name}/sparsity"] = FloatDistribution(self.low, self.high, step=self.step)
+            dists[f"{unit.name}/sparsity"] = FloatDistribution(self.low, self.high_of(unit.name), step=self.step)
         if self.quantize == "search":
             dists[QUANTIZE_PARAM] = CategoricalDistribution((False, True))
         if len(self.schedules) > 1:

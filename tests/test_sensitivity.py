@@ -126,6 +126,39 @@ def test_new_study_evaluates_the_seeded_trials_first(analysed) -> None:
     assert study.user_attrs["autoprune.dense"]["accuracy"] == result.dense_accuracy  # same dense model
 
 
+def test_bounds_cap_each_units_range_and_survive_resume(analysed) -> None:
+    config, result, _ = analysed
+    overrides = ["execution.backend=in_process", "study.n_trials=3", "study.name=tiny-bounded",
+                 "space.sensitivity_bounds=true", "space.sensitivity_margin=0.05"]
+    search = load_config(config.base_dir / "search.yaml", overrides)
+    run_search(search)
+    study = optuna.load_study(study_name="tiny-bounded", storage=search.storage_url)
+    expected = {unit: entry["sparsity"] + 0.05 for unit, entry in result.bounds.items()}
+    assert study.user_attrs["autoprune.unit_high"] == pytest.approx(expected)
+    high = search.space.sparsity.high
+    sampled = [t for t in study.trials if "autoprune.baseline" not in t.user_attrs]
+    assert sampled
+    for trial in sampled:
+        for unit in ("conv1", "conv2"):
+            distribution = trial.distributions[f"{unit}/sparsity"]
+            assert distribution.high == pytest.approx(min(expected[unit], high))
+            assert trial.params[f"{unit}/sparsity"] <= distribution.high
+    # resume keeps the stored caps even without the switch
+    resumed = load_config(config.base_dir / "search.yaml",
+                          [*overrides[:1], "study.n_trials=4", "study.name=tiny-bounded"])
+    run_search(resumed, resume=True)
+    trials = optuna.load_study(study_name="tiny-bounded", storage=search.storage_url).trials
+    last = max(trials, key=lambda t: t.number)
+    assert last.distributions["conv1/sparsity"].high == pytest.approx(min(expected["conv1"], high))
+
+
+def test_bounds_without_an_analysis_are_a_config_error(tiny_project: Path) -> None:
+    config = load_config(tiny_project, ["execution.backend=in_process", "space.sensitivity_bounds=true"])
+    with pytest.raises(ConfigError, match=r"field 'space.sensitivity_bounds': cannot read .*sensitivity.json"):
+        run_search(config)
+    assert not (config.work_path / "optuna.db").exists() or not optuna.get_all_study_names(config.storage_url)
+
+
 def test_seeds_need_the_same_model_config(analysed, caplog: pytest.LogCaptureFixture) -> None:
     config, result, _ = analysed
     space = SearchSpace((Unit("conv1", ("l1_unstructured", "l1_structured")),

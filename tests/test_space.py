@@ -89,3 +89,13 @@ def test_quantize_needs_a_linear_layer() -> None:
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
     with pytest.raises(ConfigError, match=r"field 'space\.quantize'"):
         SearchSpace.from_model(model, context(model), ["l1_unstructured"], quantize="search")
+
+
+def test_unit_highs_cap_one_unit_and_snap_to_step() -> None:
+    model = small()
+    space = SearchSpace.from_model(model, context(model), ["l1_unstructured"], low=0.1, high=0.8, step=0.1)
+    capped = space.with_unit_highs({"0": 0.47, "3": 0.95})
+    dists = capped.distributions()
+    assert dists["0/sparsity"].high == pytest.approx(0.4)  # snapped down to the step grid
+    assert dists["3/sparsity"].high == pytest.approx(0.8)  # a cap above the range changes nothing
+    assert space.with_unit_highs({"0": 0.0}).distributions()["0/sparsity"].high == pytest.approx(0.1)  # >= low
