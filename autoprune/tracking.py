@@ -22,6 +22,7 @@ from mlflow.entities import Metric, Param
 
 from .errors import StorageError
 from .plan import Plan, TrialResult
+from .retry import call_with_retries
 
 STUDY_TAG = "autoprune.study"
 ROLE_TAG = "autoprune.role"
@@ -52,11 +53,30 @@ def _batched(items: list[Any], size: int = 100) -> Iterable[list[Any]]:
         yield items[start:start + size]
 
 
+class RetryingClient:
+    """An :class:`MlflowClient` whose calls are retried with backoff while its database is unreachable
+    (a restart), for at most :data:`~autoprune.retry.STORAGE_RETRY_S` seconds; other errors pass through."""
+
+    def __init__(self, client: MlflowClient, tracking_uri: str) -> None:
+        self._client = client
+        self._uri = tracking_uri
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute) or name.startswith("_"):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return call_with_retries(lambda: attribute(*args, **kwargs), self._uri, f"MLflow {name}")
+
+        return call
+
+
 class Tracker:
     """MLflow runs of one study."""
 
     def __init__(self, tracking_uri: str, experiment: str, *, artifact_location: str | None = None) -> None:
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = RetryingClient(MlflowClient(tracking_uri=tracking_uri), tracking_uri)
         try:
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = found.experiment_id if found else self.client.create_experiment(

@@ -27,6 +27,7 @@ from helpers_infra import (
     alive,
     attempts,
     pg_ctl,
+    pg_database,
     stores,
     wait_for,
     write_fault_module,
@@ -273,3 +274,28 @@ def test_two_drivers_share_one_postgres_study(tiny_project: Path, tmp_path: Path
                   for d in (first, second)]
         assert not logged[0] & logged[1] and logged[0] | logged[1] == set(range(n_trials))
         _mlflow_accounting(config.tracking_uri, trials)
+
+
+@pytest.mark.postgres
+@needs_pg_ctl
+def test_tracker_rides_through_a_postgres_restart(tmp_path: Path) -> None:
+    """An MLflow call made while PostgreSQL is down waits for it (bounded retries) instead of failing."""
+    import threading
+
+    from autoprune.plan import Plan
+    from autoprune.tracking import Tracker
+
+    with pg_database("mlflow") as url:
+        tracker = Tracker(url, "outage")
+        parent = tracker.start_parent("s", {"a": 1}, {"accuracy": 0.9})
+        pg_ctl("stop", "-m", "fast")
+        restart = threading.Timer(2.0, pg_ctl, args=("start",))
+        restart.start()
+        try:
+            started = time.monotonic()
+            run_id = tracker.log_trial(parent, "s", 0, Plan(()), None, "during the outage")
+            waited = time.monotonic() - started
+        finally:
+            restart.join()
+        assert waited >= 1.5  # it did wait for the database
+        assert tracker.client.get_run(run_id).info.status == "FAILED"

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from autoprune.config import load_config
 from autoprune.errors import StorageError
+from autoprune.retry import is_transient
 from autoprune.search import run_search
 from autoprune.study import (
     DRIVER_ATTR,
@@ -29,7 +30,6 @@ from autoprune.study import (
     create_study,
     ensure_absent,
     ensure_distinct_stores,
-    is_transient,
     load_study,
     machine_id,
     make_sampler,

@@ -30,7 +30,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..errors import StorageError
-from ..study import call_with_retries, safe_snapshot, safe_url
+from ..retry import call_with_retries, safe_url
+from ..study import safe_snapshot
 from .schema import VERSION_TABLE, Search
 
 if TYPE_CHECKING:
