@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import AutopruneError
@@ -43,17 +44,92 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except AutopruneError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(_one_line(str(exc)))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("interrupted: finished trials are kept; continue with 'autoprune resume CONFIG'")
         raise typer.Exit(130) from None
+    except Exception as exc:
+        reason = _storage_failure(exc)
+        if reason is None:
+            raise
+        err.print(f"[bold red]error:[/] {escape(reason)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _one_line(text: str) -> str:
+    """The promise is one line per error: join any line breaks a message picked up from a library."""
+    return " ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+
+
+def _storage_failure(exc: BaseException) -> str | None:
+    """One line for a database error that escaped the commands' own checks (a damaged SQLite file read
+    deep inside Optuna or MLflow); None for anything else, which keeps its traceback (a bug)."""
+    import sqlite3
+
+    from optuna.exceptions import DuplicatedStudyError, StorageInternalError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .retry import mask_urls
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DuplicatedStudyError):  # two 'autoprune run' of one study started at once
+            return (f"field 'study.name': {_one_line(str(current))}: another search created it meanwhile; "
+                    f"continue it with 'autoprune resume', or set another study.name")
+        if isinstance(current, StorageInternalError | SQLAlchemyError | sqlite3.DatabaseError):
+            root = getattr(current, "orig", None) or current
+            text = _one_line(str(root))[:300] or type(root).__name__
+            return mask_urls(f"a database of this search (study.storage, tracking.uri or study.db_url) failed: "
+                             f"{type(root).__name__}: {text}; is the file damaged? Restore it from a backup, or "
+                             f"use another work_dir")
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _load(config: Path, overrides: list[str] | None):
     from .config import load_config
 
     return load_config(config, overrides or [])
+
+
+def _require_study_file(cfg) -> None:
+    """A missing SQLite study file is an error for commands that read a study (opening it would create it)."""
+    from .errors import StorageError
+    from .retry import sqlite_file
+
+    path = sqlite_file(cfg.storage_url)
+    if path is not None and not path.is_file():
+        raise StorageError(f"field 'study.storage': no study database at {path}; run the search first "
+                           f"('autoprune run CONFIG')")
+
+
+def _open_study(cfg):
+    """The config's existing study, creating nothing."""
+    from .study import load_study, make_sampler, open_storage
+
+    _require_study_file(cfg)
+    return load_study(open_storage(cfg.storage_url), cfg.study.name, make_sampler(cfg.study.sampler, cfg.study.seed))
+
+
+@contextmanager
+def _reading_study(url: str) -> Iterator[None]:
+    """A damaged study database (random pages overwritten...) read inside: one line naming study.storage."""
+    import sqlite3
+
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .errors import StorageError
+    from .retry import first_line, safe_url
+
+    try:
+        yield
+    except (StorageInternalError, SQLAlchemyError, sqlite3.DatabaseError) as exc:
+        raise StorageError(f"field 'study.storage': cannot read the study database {safe_url(url)}: "
+                           f"{_one_line(first_line(exc, url))}; is it damaged? Restore it from a backup") from None
 
 
 def _search(config_path: Path, overrides: list[str] | None, resume: bool) -> None:
@@ -77,6 +153,8 @@ def _search(config_path: Path, overrides: list[str] | None, resume: bool) -> Non
         summary = run_search(config, resume=resume, on_progress=on_progress)
     if summary.recovered:
         out.print(f"re-enqueued trials left running by a stopped driver: {summary.recovered}")
+    for line in summary.notices:
+        out.print(f"repaired: {line}", highlight=False)
     out.print(f"done: {summary.completed} complete, {summary.failed} failed; MLflow parent run "
               f"{summary.parent_run_id} in {safe_url(config.tracking_uri)}")
     _print_front(summary.front, asdict(summary.dense))
@@ -122,12 +200,12 @@ def front(config: ConfigArg, set_: SetOpt = None,
     """Print the Pareto front of the study: accuracy, drop, size, latency, params, MACs."""
     with _user_errors():
         from . import pareto
-        from .study import DENSE_ATTR, load_study, make_sampler, open_storage
+        from .study import DENSE_ATTR
 
         cfg = _load(config, set_)
-        study = load_study(open_storage(cfg.storage_url), cfg.study.name,
-                           make_sampler(cfg.study.sampler, cfg.study.seed))
-        rows = pareto.front_rows(pareto.complete_trials(study))
+        with _reading_study(cfg.storage_url):
+            study = _open_study(cfg)
+            rows = pareto.front_rows(pareto.complete_trials(study))
         if as_json:
             sys.stdout.write(json.dumps(rows, indent=2) + "\n")
             return
@@ -312,10 +390,10 @@ def _seed_text(params: dict[str, object]) -> str:
 # ---- looking at a study: MLflow report, MLflow UI, optuna-dashboard ----
 def _sqlite_missing(url: str) -> Path | None:
     """The file of a ``sqlite:///`` URL that does not exist (opening it would create an empty store)."""
-    if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):])
-        return None if path.exists() else path
-    return None
+    from .retry import sqlite_file
+
+    path = sqlite_file(url)  # parsed: a query string (?mode=ro, ?password=) is not part of the path
+    return None if path is None or path.exists() else path
 
 
 @app.command()
@@ -336,6 +414,7 @@ def report(config: ConfigArg, set_: SetOpt = None,
         from .study import safe_url
 
         cfg = _load(config, set_)
+        _require_study_file(cfg)
         result = regenerate(cfg, register=register)
         created = " (created: the store had none)" if result.created_parent else ""
         say = {"highlight": False, "soft_wrap": True}
@@ -396,10 +475,10 @@ def ui(config: ConfigArg, set_: SetOpt = None,
         if missing is not None:
             raise StorageError(f"field 'tracking.uri': no MLflow store at {missing}; run the search first "
                                f"('autoprune run {config}')")
-        command = [_mlflow_executable(), "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-                   "--port", str(port), "--workers", "1"]
-        shown = [*command[:3], safe_url(uri), *command[4:]]
-        out.print("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false " + shlex.join(shown), highlight=False, soft_wrap=True)
+        # The store's URI goes in the environment, never on the command line (visible to every user in ps).
+        command = [_mlflow_executable(), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        out.print(f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_BACKEND_STORE_URI={shlex.quote(safe_url(uri))} "
+                  + shlex.join(command), highlight=False, soft_wrap=True)
         base = f"http://127.0.0.1:{port}"
         found = find_parent(uri, cfg.experiment_name, cfg.study.name)
         if found is None:
@@ -420,7 +499,7 @@ def ui(config: ConfigArg, set_: SetOpt = None,
             raise StorageError(f"option '--port': port {port} on 127.0.0.1 is in use; pass another with --port")
         out.print("starting MLflow (ready in about 10 s; Ctrl-C stops it)", highlight=False)
         sys.stdout.flush()
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_BACKEND_STORE_URI": uri}
         os.execve(command[0], command, env)  # the server replaces this process: signals reach it directly
 
 

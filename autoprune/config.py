@@ -41,6 +41,15 @@ class StudyConfig(_Strict):
     db_url: str | None = None
     """autoprune's own database (registry of searches); default: ``sqlite:///<work_dir>/autoprune.db``."""
 
+    @field_validator("name")
+    @classmethod
+    def _usable_as_directory(cls, value: str) -> str:
+        # the study's files live in <work_dir>/studies/<name>/: the name must be one plain directory name
+        if value == "." or ".." in value:
+            raise ValueError(f"expected a name usable as a directory name (letters, digits, '_', '-', '.'; "
+                             f"not '.' and without '..'), got {value!r}")
+        return value
+
 
 class PretrainConfig(_Strict):
     epochs: int = Field(5, ge=1)
@@ -228,6 +237,12 @@ class SearchConfig(_Strict):
         return (self.base_dir / self.work_dir).resolve()
 
     @property
+    def study_path(self) -> Path:
+        """This study's own files (dense model, trial models): ``<work_dir>/studies/<study.name>``, so that
+        several studies share one work dir (and its databases) without touching each other's files."""
+        return self.work_path / "studies" / self.study.name
+
+    @property
     def storage_url(self) -> str:
         return self.study.storage or f"sqlite:///{self.work_path / 'optuna.db'}"
 
@@ -261,6 +276,19 @@ def _check_factory(value: str) -> str:
     return value
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: ``line L, column C: what`` (1-based, as editors count)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    context = getattr(exc, "context", None)
+    what = f"{problem} ({context})" if context else problem
+    if "'\\t'" in problem:
+        what += "; indent with spaces, not tabs"
+    if mark is None:
+        return f"an unknown place: {what}"
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``'a.b=1'`` -> ``(['a', 'b'], 1)``; the value is read as YAML."""
     key, sep, raw = text.partition("=")
@@ -269,7 +297,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML at {yaml_problem(exc)}") from None
     return key.strip().split("."), value
 
 
@@ -304,12 +332,16 @@ def _describe(error: dict[str, Any]) -> str:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> SearchConfig:
     """Read, override and validate a config file; raise :class:`ConfigError` on any problem."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config {path}: is a directory; expected a YAML file")
     if not path.is_file():
         raise ConfigError(f"config {path}: file not found")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"config {path}: not valid YAML at {yaml_problem(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config {path}: cannot read: {type(exc).__name__}: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(raw).__name__}")
     if "base_dir" in raw:
@@ -317,9 +349,22 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> SearchC
     raw = apply_overrides(raw, overrides or [])
     raw["base_dir"] = str(path.resolve().parent)
     try:
-        return SearchConfig.model_validate(raw)
+        config = SearchConfig.model_validate(raw)
     except ConfigError as exc:
         raise ConfigError(f"config {path}: {exc}") from None
     except ValidationError as exc:
         problems = "; ".join(_describe(err) for err in exc.errors())
         raise ConfigError(f"config {path}: {problems}") from None
+    _check_work_dir(path, config)
+    return config
+
+
+def _check_work_dir(path: Path, config: SearchConfig) -> None:
+    """``work_dir`` must be a directory or creatable as one: no existing file on its path."""
+    for where in (config.work_path, *config.work_path.parents):
+        if where.exists():
+            if not where.is_dir():
+                what = "is an existing file" if where == config.work_path else f"is under {where}, an existing file"
+                raise ConfigError(f"config {path}: field 'work_dir': expected a directory (existing or to be "
+                                  f"created), got {config.work_path}, which {what}")
+            return

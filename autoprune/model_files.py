@@ -1,6 +1,6 @@
 """Saving pruned models honestly: the "size" objective is the bytes of these files on disk.
 
-Depends on torch only.  A saved model is a directory with two files:
+Depends on torch only (and autoprune's error types).  A saved model is a directory with two files:
 
 ``weights.pt`` -- the state dict, in a sparse-aware format (below).
 ``skeleton.pt`` -- the architecture: the model itself, deep-copied with every parameter and
@@ -57,7 +57,10 @@ Skeletons
 ---------
 ``torch.load(skeleton, weights_only=False)`` unpickles arbitrary objects: only load skeleton
 files this tool wrote itself.  Unpickling needs the model's classes importable under the same
-module paths as when saving.
+module paths as when saving.  So that a file planted in a shared work dir is never unpickled,
+the driver stores :func:`digests` (sha256 of both files' bytes) in the Optuna trial
+(:data:`FILES_ATTR`) when it writes them, and ``load_model(directory, expected=digests)``
+refuses a file whose digest differs or is not stored, before unpickling anything.
 
 Rebuilding materialises each meta tensor as an uninitialised CPU tensor (what
 ``Module.to_empty(device="cpu")`` does, but done by hand so that tied parameters stay tied and
@@ -90,6 +93,8 @@ weights.  State-dict entries that are not tensors (``get_extra_state``) raise ``
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import os
 import tempfile
 from collections.abc import Mapping
@@ -103,6 +108,7 @@ from torch.nn.utils import parametrize, prune
 from . import quantize
 
 __all__ = [
+    "FILES_ATTR",
     "FORMAT",
     "FORMAT_VERSION",
     "READABLE_VERSIONS",
@@ -110,6 +116,8 @@ __all__ = [
     "SPARSE_OVERHEAD_BYTES",
     "WEIGHTS_FILE",
     "ModelFiles",
+    "digests",
+    "file_digests",
     "load_model",
     "load_weights",
     "model_size_bytes",
@@ -122,6 +130,9 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 WEIGHTS_FILE = "weights.pt"
 SKELETON_FILE = "skeleton.pt"
+FILES_ATTR = "autoprune.files"
+"""Optuna trial user attribute: :func:`digests` of the trial's two files, stored by the driver that wrote them;
+the only source of truth that lets :func:`load_model` unpickle a trial's skeleton."""
 # Extra bytes torch.save writes for a sparse entry compared with a dense one (one more storage
 # record in the zip archive, alignment, the small dict); measured about 380 with torch 2.13.
 SPARSE_OVERHEAD_BYTES = 512
@@ -291,12 +302,13 @@ def save_weights(state_dict: Mapping[str, Tensor], path: str | os.PathLike[str])
     return _atomic_torch_save({"format": FORMAT, "version": FORMAT_VERSION, "tensors": tensors}, Path(path))
 
 
-def load_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Read a file written by :func:`save_weights` (with ``weights_only=True``) into a state dict.
+def load_weights(path: str | os.PathLike[str], data: bytes | None = None) -> dict[str, Tensor]:
+    """Read a file written by :func:`save_weights` (with ``weights_only=True``) into a state dict
+    (from ``data``, the file's bytes already read, when given; ``path`` then only names it).
 
     Aliased entries (tied weights) come back as the same tensor object.
     """
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path}: not an autoprune weights file")
     if blob.get("version") not in READABLE_VERSIONS:
@@ -457,17 +469,86 @@ def save_model(model: nn.Module, directory: str | os.PathLike[str]) -> ModelFile
     )
 
 
-def load_model(directory: str | os.PathLike[str]) -> nn.Module:
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def digests(weights: bytes, skeleton: bytes) -> dict[str, str]:
+    """The sha256 (hex) of a saved model's two files, from their bytes: ``{"weights.pt": ..., "skeleton.pt": ...}``.
+
+    The driver stores this as the trial's user attribute :data:`FILES_ATTR` when it writes the files;
+    :func:`load_model` given it as ``expected`` refuses files that differ (a planted skeleton would run code
+    when unpickled)."""
+    return {WEIGHTS_FILE: _sha256(weights), SKELETON_FILE: _sha256(skeleton)}
+
+
+def file_digests(directory: str | os.PathLike[str]) -> dict[str, str]:
+    """:func:`digests` of the two files in ``directory`` (for models saved by :func:`save_model`)."""
+    directory = Path(directory)
+    return digests((directory / WEIGHTS_FILE).read_bytes(), (directory / SKELETON_FILE).read_bytes())
+
+
+def _read_checked(directory: Path, expected: Mapping[str, str] | None) -> dict[str, bytes]:
+    """The bytes of both files, each checked against its digest in ``expected`` (when given); one-line errors."""
+    from .errors import AutopruneError
+
+    data = {}
+    for name in (SKELETON_FILE, WEIGHTS_FILE):
+        path = directory / name
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "is missing"
+            raise AutopruneError(f"model file {path} {what}: the trial's model files are incomplete "
+                                 "(only complete trials have them; see 'autoprune front')")
+        try:
+            data[name] = path.read_bytes()
+        except OSError as exc:
+            raise AutopruneError(f"model file {path}: cannot read: {exc.strerror or exc}") from None
+        if expected is None:
+            continue
+        want = expected.get(name)
+        if not want:
+            raise AutopruneError(f"model file {path}: the study stores no digest for it (written by an older "
+                                 "autoprune, or not by this study's driver): refusing to load it, since loading "
+                                 "a skeleton runs the code it holds")
+        got = _sha256(data[name])
+        if got != want:
+            raise AutopruneError(f"model file {path}: sha256 {got[:16]}..., expected {want[:16]}... as stored in "
+                                 "the study when it was written: the file was changed or replaced since; refusing "
+                                 "to load it, since loading a skeleton runs the code it holds")
+    return data
+
+
+def load_model(directory: str | os.PathLike[str], expected: Mapping[str, str] | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_model`, on CPU, in eval mode.
 
-    Unpickles the skeleton with ``weights_only=False``: only for files this tool wrote.
+    ``expected`` (:func:`digests` of the files as written; a trial's :data:`FILES_ATTR`): a file whose
+    sha256 differs, or has no digest there, is refused with :class:`~autoprune.errors.AutopruneError`
+    before anything is unpickled. Always pass it for files in a work dir. ``None`` skips that check:
+    only for files this process wrote itself, since the skeleton is unpickled with ``weights_only=False``
+    (it runs whatever code the file holds). Missing, unreadable or truncated files are one-line
+    :class:`~autoprune.errors.AutopruneError` s too.
     """
+    from .errors import AutopruneError
+
     directory = Path(directory)
-    skeleton = torch.load(directory / SKELETON_FILE, map_location="cpu", weights_only=False)
+    data = _read_checked(directory, expected)
+    path = directory / SKELETON_FILE
+    try:
+        skeleton = torch.load(io.BytesIO(data[SKELETON_FILE]), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise AutopruneError(f"model file {path}: cannot read the model's skeleton (damaged or truncated?): "
+                             f"{type(exc).__name__}: {line}") from None
     if not isinstance(skeleton, nn.Module):
-        raise TypeError(f"{directory / SKELETON_FILE}: not a pickled nn.Module")
+        raise AutopruneError(f"model file {path}: expected a pickled torch.nn.Module, got {type(skeleton).__name__}")
     _materialize(skeleton)
-    weights = load_weights(directory / WEIGHTS_FILE)
+    path = directory / WEIGHTS_FILE
+    try:
+        weights = load_weights(path, data[WEIGHTS_FILE])
+    except Exception as exc:
+        line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise AutopruneError(f"model file {path}: cannot read the weights (damaged or truncated?): "
+                             f"{type(exc).__name__}: {line}") from None
     slots = {name: m for name, m in skeleton.named_modules() if isinstance(m, quantize.QuantizedLinearSlot)}
     layers = {}
     for name, slot in slots.items():
@@ -476,7 +557,12 @@ def load_model(directory: str | os.PathLike[str]) -> nn.Module:
         if weight is None or not weight.is_quantized:
             raise ValueError(f"{directory}: quantized layer {name!r} has no quantized weight in the weights file")
         layers[name] = slot.build(weight, bias)
-    skeleton.load_state_dict(weights, strict=True)
+    try:
+        skeleton.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        lines = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise AutopruneError(f"model files in {directory}: the weights do not fit the skeleton: {lines[:500]}"
+                             ) from None
     leftover = [n for n, t in [*skeleton.named_parameters(), *skeleton.named_buffers()] if t.is_meta]
     if leftover:
         raise ValueError(f"{directory}: tensors missing from the weights file: {leftover}")

@@ -81,6 +81,8 @@ def build_loaders(factory: Callable[..., Any], kwargs: dict[str, Any], field: st
 
 def load_checkpoint(model: nn.Module, path: Path, field: str = "model.checkpoint") -> None:
     """Load a state_dict with ``weights_only=True``; mismatches name the keys."""
+    if path.is_dir():
+        raise ConfigError(f"field {field!r}: expected a checkpoint file, got {path}, which is a directory")
     if not path.is_file():
         raise ConfigError(f"field {field!r}: checkpoint file not found: {path}")
     try:

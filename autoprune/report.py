@@ -49,6 +49,9 @@ class ModelSource:
     load: Callable[[int], torch.nn.Module]
     example: Any  # numpy array, a batch of >= 2 so the exported batch size stays dynamic; None: not a tensor
     code_paths: tuple[str, ...] = ()  # the user's model module, for models torch.export cannot trace
+    expected: dict[int, Mapping[str, str]] = field(default_factory=dict)
+    """Trial number -> the digests of its files stored in the study (``model_files.FILES_ATTR``), filled in by
+    :meth:`StudyReport.finalize`; ``load`` refuses files that do not match them."""
 
 
 def model_source(config: SearchConfig, inputs: Inputs) -> ModelSource | None:
@@ -65,8 +68,9 @@ def model_source(config: SearchConfig, inputs: Inputs) -> ModelSource | None:
     batch = next(iter(inputs.val_loader))[0]
     # MLflow models of a single-tensor input only; other inputs (dicts, tuples) get no model, with a reason
     example = batch[:2].detach().cpu().numpy() if isinstance(batch, torch.Tensor) else None
-    return ModelSource(lambda number: model_files.load_model(trial_dir(config, number)), example,
-                       tuple(m.__file__ for m in inputs.modules if getattr(m, "__file__", None)))
+    expected: dict[int, Mapping[str, str]] = {}
+    return ModelSource(lambda number: model_files.load_model(trial_dir(config, number), expected.get(number, {})),
+                       example, tuple(m.__file__ for m in inputs.modules if getattr(m, "__file__", None)), expected)
 
 
 class StudyReport:
@@ -114,7 +118,7 @@ class StudyReport:
         for trial in study.get_trials(deepcopy=False):
             if self.tracker.has_trial(trial.number) or not trial.state.is_finished():
                 continue
-            plan = space.decode(trial.params) if trial.params else Plan(())
+            plan = space.try_decode(trial.params) or Plan(())
             if trial.state == TrialState.COMPLETE:
                 result = TrialResult(**{k: trial.user_attrs[k] for k in fields},
                                      extra=dict(trial.user_attrs.get(EXTRA_ATTR, {})))
@@ -159,6 +163,10 @@ class StudyReport:
         self.tracker.log_files(self.parent_id, views.files)
         self.tracker.log_metrics(self.parent_id, {"completed_trials": len(trials), "failed_trials": views.failed})
         self.tracker.set_note(self.parent_id, views.files[SUMMARY_MD])
+        if self.models is not None:  # the digests the driver stored with each trial's files
+            from .model_files import FILES_ATTR
+
+            self.models.expected.update({t.number: t.user_attrs.get(FILES_ATTR) or {} for t in trials})
         self.log_models([row["trial"] for row in rows])
         return rows
 
@@ -171,10 +179,7 @@ class StudyReport:
     def _point(self, trial: FrozenTrial, rank: int) -> charts.Point:
         plan = self._plans.get(trial.number)
         if plan is None and self.space is not None and trial.params:
-            try:
-                plan = self.space.decode(trial.params)
-            except Exception:  # params of an older space: no summary rather than no report
-                plan = None
+            plan = self.space.try_decode(trial.params)  # None: params of an older space, no summary
         attrs = trial.user_attrs
         return charts.Point(
             trial=trial.number, accuracy=float(trial.values[0]), size_bytes=int(trial.values[1]),

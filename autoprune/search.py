@@ -8,6 +8,7 @@ model trained (once per study, reused on resume) and the study created.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -20,16 +21,19 @@ from torch import nn
 
 from . import db, model_files, pareto
 from .config import SearchConfig
+from .crashpoints import crash_point
 from .errors import StorageError
 from .execution import Executor, InProcessExecutor, RayExecutor, TrialPayload
 from .methods import PruneContext
 from .model_io import build_loaders, build_model, import_factory, load_checkpoint
 from .plan import Plan
 from .report import StudyReport, model_source
+from .retry import check_reachable, sqlite_file, store_lock
 from .space import SearchSpace, find_head
 from .study import (
     BASELINE_ATTR,
     DENSE_ATTR,
+    SEEDED_ATTR,
     UNIT_HIGH_ATTR,
     WORKER_ATTR,
     Driver,
@@ -40,6 +44,7 @@ from .study import (
     load_study,
     make_sampler,
     open_storage,
+    record_config,
     safe_snapshot,
     snapshot_digest,
     tell_failure,
@@ -100,6 +105,7 @@ def build_inputs(config: SearchConfig) -> Inputs:
     train_loader, val_loader = build_loaders(data_factory, config.data.kwargs, "data.factory")
     if config.checkpoint_path is not None:
         load_checkpoint(model, config.checkpoint_path)
+    check_task(model, train_loader, val_loader, task.get("loss", (None,))[0], task.get("metric", (None,))[0])
     head = config.space.head or find_head(model)
     if head not in dict(model.named_modules()):
         from .errors import ConfigError
@@ -134,6 +140,78 @@ def build_inputs(config: SearchConfig) -> Inputs:
     return Inputs(model, train_loader, val_loader, space, settings, modules)
 
 
+def _shape(value: object) -> str:
+    return str(list(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def check_task(model: nn.Module, train_loader: Batches, val_loader: Batches,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+               metric_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> None:
+    """Run the model on one validation and one training batch and compute the loss (``model.loss``,
+    default cross-entropy) and the metric (``model.metric``, default top-1) on its outputs, so that a
+    model whose outputs do not fit the data's targets (5 classes for 10 labels, no batch dimension)
+    is a :class:`ConfigError` naming both factories and the shapes, before anything is trained or
+    written. The random number generator's state and the model's training flag are left as they were."""
+    from .errors import ConfigError
+    from .measure import top1
+
+    loss_name = "model.loss" if loss_fn is not None else "the default loss (cross-entropy)"
+    metric_name = "model.metric" if metric_fn is not None else "the default metric (top-1 accuracy)"
+    was_training = model.training
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        model.eval()
+        try:
+            for which, loader in (("validation", val_loader), ("training", train_loader)):
+                inputs, targets = next(iter(loader))
+                given = f"a {which} batch of data.factory (inputs {_shape(inputs)}, targets {_shape(targets)})"
+                try:
+                    outputs = model(inputs)
+                except Exception as exc:
+                    raise ConfigError(f"field 'model.factory': the model fails on {given}: "
+                                      f"{type(exc).__name__}: {_first_line(exc)}") from None
+                batch = inputs.shape[0] if inputs.dim() else 0
+                tensor_out = isinstance(outputs, torch.Tensor) and outputs.dim() > 0
+                if not tensor_out and (loss_fn is None or metric_fn is None):  # the defaults need [batch, ...]
+                    raise ConfigError(f"field 'model.factory': expected the model to return a tensor with a batch "
+                                      f"dimension, got {_shape(outputs)} on {given}")
+                if tensor_out and (outputs.shape[0] != batch or (targets.dim() and targets.shape[0] != batch)):
+                    raise ConfigError(f"field 'model.factory': expected outputs and targets with the batch "
+                                      f"dimension first ({batch}), got outputs {_shape(outputs)} on {given}")
+                if tensor_out and loss_fn is None and not targets.is_floating_point() and targets.numel():
+                    classes = outputs.shape[1] if outputs.dim() > 1 else 0
+                    if int(targets.max()) >= classes or int(targets.min()) < 0:
+                        raise ConfigError(
+                            f"field 'model.factory': the model's outputs {_shape(outputs)} give {classes} classes, "
+                            f"but {given} holds class labels from {int(targets.min())} to {int(targets.max())} "
+                            f"(the default loss, cross-entropy, needs outputs [batch, classes]); fix the model's "
+                            f"output size, or set model.loss and model.metric")
+                try:
+                    loss = (loss_fn or nn.functional.cross_entropy)(outputs, targets)
+                    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                        raise ValueError(f"expected a scalar tensor, got {_shape(loss)}")
+                except Exception as exc:
+                    field = "model.loss" if loss_fn is not None else "model.factory"
+                    raise ConfigError(f"field {field!r}: {loss_name} of the model's outputs {_shape(outputs)} "
+                                      f"against the targets of {given} fails: {type(exc).__name__}: "
+                                      f"{_first_line(exc)}") from None
+                try:
+                    scores = (metric_fn or top1)(outputs, targets)
+                    if not isinstance(scores, torch.Tensor) or scores.numel() != batch:
+                        raise ValueError(f"expected one score per sample ({batch}), got {_shape(scores)}")
+                except Exception as exc:
+                    field = "model.metric" if metric_fn is not None else "model.factory"
+                    raise ConfigError(f"field {field!r}: {metric_name} of the model's outputs {_shape(outputs)} "
+                                      f"against the targets of {given} fails: {type(exc).__name__}: "
+                                      f"{_first_line(exc)}") from None
+        finally:
+            model.train(was_training)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def _rewind_checkpoint_state(config: SearchConfig, model: nn.Module) -> dict[str, torch.Tensor] | None:
     """Early weights from ``space.rewind_checkpoint``; checks that rewinding has a source of early weights."""
     from .errors import ConfigError
@@ -160,7 +238,7 @@ def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def rewind_file(config: SearchConfig) -> Path:
     """Where pre-training keeps the weights of the rewind point (beside the dense model)."""
-    return config.work_path / f"dense_epoch{config.space.rewind_epoch}.pt"
+    return config.study_path / f"dense_epoch{config.space.rewind_epoch}.pt"
 
 
 def ensure_dense(config: SearchConfig, inputs: Inputs) -> nn.Module:
@@ -175,7 +253,7 @@ def ensure_dense(config: SearchConfig, inputs: Inputs) -> nn.Module:
     model = inputs.model
     if config.model.pretrain is None:
         return model
-    path = config.work_path / DENSE_FILE
+    path = config.study_path / DENSE_FILE
     wants_early = config.space.rewind != "never" and config.space.rewind_checkpoint is None
     early_path = rewind_file(config)
     if path.is_file():
@@ -213,10 +291,21 @@ def ensure_dense(config: SearchConfig, inputs: Inputs) -> nn.Module:
         if not captured:
             raise ConfigError(f"field 'space.rewind_epoch': pre-training ended before epoch "
                               f"{config.space.rewind_epoch} (the data loader yielded fewer batches than its len())")
-        torch.save(captured[0], early_path)  # before dense.pt: a dense.pt from this run implies its rewind file
+        _save_atomic(captured[0], early_path)  # before dense.pt: a dense.pt from this run implies its rewind file
         inputs.settings = replace(inputs.settings, rewind_state=captured[0])
-    torch.save(model.state_dict(), path)
+    _save_atomic(model.state_dict(), path)
     return model
+
+
+def _save_atomic(obj: object, path: Path) -> None:
+    """``torch.save`` to a temporary file renamed over ``path``: a reader (or a second search pre-training
+    at the same moment) never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _dense_baseline(study: optuna.Study, dense: nn.Module, inputs: Inputs) -> DenseBaseline:
@@ -225,6 +314,7 @@ def _dense_baseline(study: optuna.Study, dense: nn.Module, inputs: Inputs) -> De
         return DenseBaseline(**stored)
     baseline = measure_dense(dense, inputs.val_loader, inputs.settings)
     study.set_user_attr(DENSE_ATTR, asdict(baseline))
+    crash_point("dense.measured")
     return baseline
 
 
@@ -239,7 +329,9 @@ def make_executor(config: SearchConfig, payload: TrialPayload, modules: list[Mod
 
 
 def trial_dir(config: SearchConfig, number: int) -> Path:
-    return config.work_path / "trials" / f"{number:05d}"
+    """Trial ``number``'s model files: ``<work_dir>/studies/<study>/trials/NNNNN`` (per study: several
+    studies in one work dir never share or overwrite each other's files)."""
+    return config.study_path / "trials" / f"{number:05d}"
 
 
 def _store_files(config: SearchConfig, number: int, output: TrialOutput) -> Path:
@@ -253,7 +345,7 @@ def _store_files(config: SearchConfig, number: int, output: TrialOutput) -> Path
 def _enqueue_baselines(study: optuna.Study, space: SearchSpace, sparsities: list[float], method: str) -> None:
     for sparsity in sparsities:
         study.enqueue_trial(space.uniform_params(sparsity, method),
-                            user_attrs={BASELINE_ATTR: f"uniform {method} {sparsity:g}"})
+                            user_attrs={BASELINE_ATTR: f"uniform {method} {sparsity:g}"}, skip_if_exists=True)
 
 
 def _sensitivity_highs(config: SearchConfig, space: SearchSpace) -> dict[str, float] | None:
@@ -277,7 +369,7 @@ def _enqueue_sensitivity(study: optuna.Study, space: SearchSpace, config: Search
 
     seeds = seed_trials(config, space)
     for label, params in seeds:
-        study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label})
+        study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label}, skip_if_exists=True)
     if seeds:
         study.set_user_attr(SENSITIVITY_ATTR, [label for label, _ in seeds])
 
@@ -291,11 +383,27 @@ class SearchSummary:
     parent_run_id: str
     dense: DenseBaseline
     recovered: list[int]
+    notices: list[str]
+    """What resume repaired (or could not) in the records a stopped driver left, one line each."""
 
 
 def dense_checkpoint(config: SearchConfig) -> Path | None:
-    """The file the dense model comes from: the configured checkpoint, or the one pre-trained in the work dir."""
-    return config.checkpoint_path if config.model.pretrain is None else config.work_path / DENSE_FILE
+    """The file the dense model comes from: the configured checkpoint, or the one pre-trained for this study
+    (``<work_dir>/studies/<study>/dense.pt``)."""
+    return config.checkpoint_path if config.model.pretrain is None else config.study_path / DENSE_FILE
+
+
+def preflight(config: SearchConfig, db_url: str, *, resume: bool) -> None:
+    """The checks that need no writes, made before anything is created: each store reachable (a short
+    connect to a database server: seconds, not minutes of retries; a missing driver names its package),
+    and on resume a SQLite study database that exists (opening a missing one would create it)."""
+    for url, field in ((config.storage_url, "study.storage"), (db_url, "study.db_url"),
+                       (config.tracking_uri, "tracking.uri")):
+        check_reachable(url, field)
+    path = sqlite_file(config.storage_url) if resume else None
+    if path is not None and not path.is_file():
+        raise StorageError(f"field 'study.storage': no study database at {path}, so no study "
+                           f"{config.study.name!r} to resume; start it with 'autoprune run'")
 
 
 def run_search(config: SearchConfig, *, resume: bool = False,
@@ -308,29 +416,40 @@ def run_search(config: SearchConfig, *, resume: bool = False,
     inputs = build_inputs(config)
     db_url = db.database_url(config)
     ensure_distinct_stores(config.storage_url, config.tracking_uri, db_url)
-    config.work_path.mkdir(parents=True, exist_ok=True)
-    storage = open_storage(config.storage_url)
-    db.prepare(db_url)
+    highs = None if resume else _sensitivity_highs(config, inputs.space)  # checked before writing
+    preflight(config, db_url, resume=resume)  # stores reachable; a resumed study's database exists
+    study_file = sqlite_file(config.storage_url)
+    if study_file is not None and not resume:
+        study_file.parent.mkdir(parents=True, exist_ok=True)  # a new SQLite study database needs its directory
+    with store_lock(config.storage_url):  # two searches started at once on a fresh work dir: one creates it
+        storage = open_storage(config.storage_url)
     sampler = make_sampler(config.study.sampler, config.study.seed)
     if resume:
         study: optuna.Study | None = load_study(storage, config.study.name, sampler)
     else:
         ensure_absent(storage, config.study.name)
         study = None
-    highs = _sensitivity_highs(config, inputs.space) if study is None else None  # checked before writing
+    config.work_path.mkdir(parents=True, exist_ok=True)  # only now: a failed check above creates nothing
+    db.prepare(db_url)
     snapshot = safe_snapshot(config.snapshot())  # passwords masked: stored in the study and logged to MLflow
     tracker = Tracker(config.tracking_uri, config.experiment_name,
                       artifact_location=None if config.tracking.uri else (config.work_path / "artifacts").as_uri())
     dense = ensure_dense(config, inputs)
     if study is None:
         study = create_study(storage, config.study.name, sampler, snapshot, snapshot_digest(snapshot))
-        if highs:
+    if not study.user_attrs.get(SEEDED_ATTR):  # new, or its creator died before seeding it
+        record_config(study, snapshot, snapshot_digest(snapshot))
+        highs = highs if highs is not None else _sensitivity_highs(config, inputs.space)
+        if highs and UNIT_HIGH_ATTR not in study.user_attrs:
             study.set_user_attr(UNIT_HIGH_ATTR, highs)
         _enqueue_sensitivity(study, inputs.space, config)
         _enqueue_baselines(study, inputs.space, config.baseline_sparsities, config.space.methods[0])
+        study.set_user_attr(SEEDED_ATTR, True)
+        crash_point("study.seeded")
     # per-unit caps are decided once, when the study is created: a resume uses the stored ones
     inputs.space = inputs.space.with_unit_highs(study.user_attrs.get(UNIT_HIGH_ATTR) or {})
     driver = Driver(study).start()
+    notices: list[str] = []
     try:
         recovered = driver.recover_stale() if resume else []
         baseline = _dense_baseline(study, dense, inputs)
@@ -338,10 +457,11 @@ def run_search(config: SearchConfig, *, resume: bool = False,
         db.record_search(db_url, study_name=config.study.name, storage_url=config.storage_url, snapshot=snapshot,
                          dense_checkpoint=dense_checkpoint(config), experiment_id=tracker.experiment_id,
                          parent_run_id=parent_id)
+        crash_point("registry.recorded")
         report = StudyReport(tracker, parent_id, config.study.name, baseline, space=inputs.space,
                              models=model_source(config, inputs))
         if not driver.others_alive():  # a live driver logs its own trials; don't race it
-            _drop_half_logged_runs(tracker, parent_id)
+            notices += repair_records(study, tracker, parent_id, config)
             report.log_missing(study, inputs.space)
         payload = TrialPayload(dense, inputs.train_loader, inputs.val_loader, inputs.settings, baseline,
                                threads=max(1, int(config.execution.cpus_per_trial)))
@@ -364,19 +484,36 @@ def run_search(config: SearchConfig, *, resume: bool = False,
         driver.stop()
     states = [t.state for t in study.get_trials(deepcopy=False)]
     return SearchSummary(config.study.name, states.count(optuna.trial.TrialState.COMPLETE),
-                         states.count(optuna.trial.TrialState.FAIL), rows, parent_id, baseline, recovered)
+                         states.count(optuna.trial.TrialState.FAIL), rows, parent_id, baseline, recovered,
+                         notices)
 
 
-def _drop_half_logged_runs(tracker: Tracker, parent_id: str) -> list[str]:
-    """Delete the trial runs a killed driver left RUNNING (killed between MLflow's create_run and the end of
-    its logging), so that the trial is logged again, once and whole, instead of twice."""
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id], max_results=50000,
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'")
-    dropped = [run.info.run_id for run in runs if "autoprune.trial" in run.data.tags]
-    for run_id in dropped:
-        tracker.client.delete_run(run_id)
-    return dropped
+def repair_records(study: optuna.Study, tracker: Tracker, parent_id: str, config: SearchConfig) -> list[str]:
+    """Repair what a driver killed at any instant can leave half-done in MLflow and the work dir, before
+    the missing records are logged again; one line per repair, for the user.
+
+    Optuna's side is repaired by :meth:`Driver.recover_stale` (trials left RUNNING, also those cut short
+    while being asked for). Only called while no other driver of the study is alive.
+    """
+    lines = []
+    dropped = tracker.drop_unfinished_trial_runs(parent_id)
+    if dropped:
+        lines.append(f"dropped {len(dropped)} MLflow trial run(s) a stopped driver left half-written; "
+                     "they are logged again")
+    trials = study.get_trials(deepcopy=False)
+    orphans = tracker.drop_trial_runs_except(t.number for t in trials if t.state.is_finished())
+    if orphans:
+        lines.append(f"deleted the MLflow runs of trials {orphans}, which study {study.study_name!r} does not have")
+    models = tracker.drop_unlinked_models(study.study_name)
+    if models:
+        lines.append(f"deleted {len(models)} MLflow model(s) a stopped driver left half-logged; they are logged again")
+    missing = [t.number for t in trials if t.state == optuna.trial.TrialState.COMPLETE
+               and not all((trial_dir(config, t.number) / name).is_file()
+                           for name in (model_files.WEIGHTS_FILE, model_files.SKELETON_FILE))]
+    if missing:
+        lines.append(f"complete trials {missing} have no model files under {config.study_path / 'trials'}: "
+                     "they get no MLflow model and cannot be exported")
+    return lines
 
 
 def _loop(config: SearchConfig, study: optuna.Study, space: SearchSpace, executor: Executor,
@@ -400,6 +537,7 @@ def _loop(config: SearchConfig, study: optuna.Study, space: SearchSpace, executo
             plan = space.decode(trial.params)
             inflight[trial.number] = (trial, plan)
             executor.submit(trial.number, plan)
+            crash_point("trial.submitted")
         if executor.running == 0:
             if counted_trials(study) >= target:
                 progress()
@@ -425,9 +563,12 @@ def _loop(config: SearchConfig, study: optuna.Study, space: SearchSpace, executo
                 front_size = report.trial_finished(study, number, plan, trial.user_attrs, None, outcome)
                 message = f"trial {number} failed: {outcome.splitlines()[-1][:120]}"
             else:
+                _store_files(config, number, outcome)  # before tell: a COMPLETE trial always has its model
+                # the files' sha256, kept in the study: only these files are ever unpickled (export, report)
+                attrs[model_files.FILES_ATTR] = model_files.digests(outcome.weights, outcome.skeleton)
+                crash_point("trial.files_saved")
                 if not tell_success(study, trial, outcome.result, attrs):
                     continue
-                _store_files(config, number, outcome)
                 front_size = report.trial_finished(study, number, plan, trial.user_attrs, outcome.result, None)
                 r = outcome.result
                 message = (f"trial {number}: accuracy {r.accuracy:.4f}, size {r.size_bytes:,} B, "

@@ -388,6 +388,10 @@ def run_sensitivity(config: SearchConfig, ratios: Sequence[float] = DEFAULT_RATI
                           f"({', '.join(config.space.methods)})")
     started = time.perf_counter()
     inputs = build_inputs(config)
+    if log_mlflow:  # before anything is written: an unreachable store fails in seconds, creating nothing
+        from .retry import check_reachable
+
+        check_reachable(config.tracking_uri, "tracking.uri")
     config.work_path.mkdir(parents=True, exist_ok=True)
     if on_progress:
         on_progress(SensitivityProgress(0, 1, "dense model (pre-training once per study if configured)"))

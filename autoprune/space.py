@@ -170,6 +170,14 @@ class SearchSpace:
         rewind = self.rewind == "always" or bool(params.get(REWIND_PARAM, False))
         return Plan(tuple(layers), quantize=quantize, schedule=schedule, rounds=rounds, rewind=rewind)
 
+    def try_decode(self, params: Mapping[str, object]) -> Plan | None:
+        """:meth:`decode`, or None when ``params`` lack one of this space's parameters (a trial whose
+        driver died while Optuna was writing them, or one of an edited space)."""
+        try:
+            return self.decode(params)
+        except (KeyError, TypeError, ValueError):
+            return None
+
     def uniform_params(self, sparsity: float, method: str | None = None) -> dict[str, object]:
         """Parameters of the trivial baseline: every unit at ``sparsity`` with one method.
 

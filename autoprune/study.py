@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
-from optuna.distributions import BaseDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.samplers import BaseSampler
 from optuna.storages import RDBStorage
@@ -47,6 +47,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
+from .crashpoints import crash_point
 from .errors import StorageError
 from .plan import TrialResult
 from .retry import STORAGE_RETRY_S, call_with_retries, first_line, safe_url
@@ -64,6 +65,8 @@ STALE_ATTR = "autoprune.stale"
 BASELINE_ATTR = "autoprune.baseline"
 EXTRA_ATTR = "autoprune.extra"
 UNIT_HIGH_ATTR = "autoprune.unit_high"
+SEEDED_ATTR = "autoprune.seeded"
+"""Study user attribute: the study's records and seed trials are all stored (a crash may come before)."""
 RETRY_OF_ATTR = "autoprune.retry_of"
 DRIVER_ATTR = "autoprune.driver"
 """Trial user attribute: the id of the driver that asked for the trial."""
@@ -87,12 +90,10 @@ def _mask(value: Any) -> Any:
         return {k: _mask(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_mask(v) for v in value]
-    if isinstance(value, str) and "://" in value and "@" in value:
-        try:
-            if make_url(value).password is not None:
-                return safe_url(value)
-        except Exception:
-            return value
+    if isinstance(value, str) and "://" in value:
+        from .retry import has_secret  # user:pw@host and ?password=... alike
+
+        return safe_url(value) if has_secret(value) else value
     return value
 
 
@@ -246,9 +247,17 @@ def create_study(storage: RDBStorage, name: str, sampler: BaseSampler, snapshot:
     """A new study with the (password-masked) config snapshot stored in its user attributes."""
     ensure_absent(storage, name)
     study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, directions=list(DIRECTIONS))
-    study.set_user_attr(CONFIG_ATTR, safe_snapshot(snapshot))
-    study.set_user_attr(DIGEST_ATTR, digest)
+    crash_point("study.created")
+    record_config(study, snapshot, digest)
     return study
+
+
+def record_config(study: optuna.Study, snapshot: Mapping[str, Any], digest: str) -> None:
+    """Store the (password-masked) config snapshot and its digest, unless the study has them already."""
+    if CONFIG_ATTR not in study.user_attrs:
+        study.set_user_attr(CONFIG_ATTR, safe_snapshot(snapshot))
+    if DIGEST_ATTR not in study.user_attrs:
+        study.set_user_attr(DIGEST_ATTR, digest)
 
 
 def load_study(storage: RDBStorage, name: str, sampler: BaseSampler) -> optuna.Study:
@@ -406,6 +415,7 @@ class Driver:
                 return  # never revive a driver that announced it stopped
             self._record.update(heartbeat=time.time(), stopped=stopped)
             self.study.set_user_attr(DRIVER_PREFIX + self.id, dict(self._record))
+            crash_point("driver.beat")
 
     def start(self) -> Driver:
         self.beat()
@@ -440,8 +450,13 @@ class Driver:
         with self.lock.held():
             if budget_used(self.study.get_trials(deepcopy=False)) >= target:
                 return None
-            trial = self.study.ask(dict(distributions))
-            trial.set_user_attr(DRIVER_ATTR, self.id)
+            trial = self.study.ask()
+            crash_point("ask.created")
+            for name, distribution in distributions.items():  # Optuna writes them one by one
+                _suggest(trial, name, distribution)
+                crash_point("ask.param")
+            trial.set_user_attr(DRIVER_ATTR, self.id)  # last: a trial without it was cut short while asked for
+            crash_point("ask.tagged")
             return trial
 
     def others_alive(self) -> bool:
@@ -455,6 +470,23 @@ class Driver:
     def recover_stale(self) -> list[int]:
         with self.lock.held():
             return recover_stale_trials(self.study, me=self.id, stale_after_s=self.stale_after_s)
+
+
+def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> None:
+    """Sample (or take the enqueued value of) one parameter through the public suggest API."""
+    if isinstance(distribution, FloatDistribution):
+        trial.suggest_float(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
+    elif isinstance(distribution, IntDistribution):
+        trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
+    elif isinstance(distribution, CategoricalDistribution):
+        trial.suggest_categorical(name, distribution.choices)
+    else:
+        raise TypeError(f"parameter {name!r}: unsupported distribution {distribution!r}")
+
+
+def asked_completely(trial: FrozenTrial) -> bool:
+    """Whether every parameter of ``trial`` was written: its driver tags it only after the last one."""
+    return DRIVER_ATTR in trial.user_attrs
 
 
 def stale_trials(study: optuna.Study, me: str | None = None, stale_after_s: float = STALE_AFTER_S) -> list[FrozenTrial]:
@@ -486,16 +518,31 @@ def recover_stale_trials(study: optuna.Study, me: str | None = None,
     storage = study._storage
     marked = []
     for trial in stale_trials(study, me, stale_after_s):
-        storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, "driver stopped before the trial finished")
+        params = _params_to_rerun(trial)
+        reason = (STALE_REASON if asked_completely(trial) else
+                  "driver stopped while the trial was being asked for (parameters incomplete); "
+                  + ("its enqueued parameters run again" if params else "not run"))
+        storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, reason)
         storage.set_trial_user_attr(trial._trial_id, STALE_ATTR, True)
         try:
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue  # its driver finished it after all
-        if trial.params:
-            study.enqueue_trial(trial.params, user_attrs=_retry_attrs(trial), skip_if_exists=False)
+        if params:
+            study.enqueue_trial(params, user_attrs=_retry_attrs(trial), skip_if_exists=False)
         marked.append(trial.number)
     return marked
+
+
+STALE_REASON = "driver stopped before the trial finished"
+
+
+def _params_to_rerun(trial: FrozenTrial) -> dict[str, Any]:
+    """The parameters to run a stale trial with again: all of them if it was asked for completely;
+    else those it was enqueued with (a seed trial); else none (a sampled trial cut short has no plan)."""
+    if asked_completely(trial):
+        return dict(trial.params)
+    return dict(trial.system_attrs.get("fixed_params") or {})
 
 
 def _retry_attrs(trial: FrozenTrial) -> dict[str, Any]:
@@ -515,7 +562,9 @@ def tell_success(study: optuna.Study, trial: optuna.Trial, result: TrialResult,
     """Record a complete trial; False if another driver had already marked it stale (result dropped)."""
     try:
         _set_attrs(trial, {**result.as_metrics(), EXTRA_ATTR: dict(result.extra), **(attrs or {})})
+        crash_point("tell.attrs")
         study.tell(trial, [result.accuracy, float(result.size_bytes), result.latency_ms])
+        crash_point("tell.done")
     except (UpdateFinishedTrialError, ValueError):
         if not _taken_over(study, trial):
             raise

@@ -20,9 +20,10 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from .crashpoints import crash_point
 from .errors import StorageError
 from .plan import Plan, TrialResult
-from .retry import call_with_retries
+from .retry import call_with_retries, check_reachable, first_line, mask_urls, safe_url, store_lock
 
 STUDY_TAG = "autoprune.study"
 ROLE_TAG = "autoprune.role"
@@ -76,14 +77,18 @@ class Tracker:
     """MLflow runs of one study."""
 
     def __init__(self, tracking_uri: str, experiment: str, *, artifact_location: str | None = None) -> None:
-        self.client = RetryingClient(MlflowClient(tracking_uri=tracking_uri), tracking_uri)
+        check_reachable(tracking_uri, "tracking.uri")  # seconds, not MLflow's minutes of retries
         try:
-            found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-                experiment, artifact_location=artifact_location)
+            with store_lock(tracking_uri):  # one process at a time creates (migrates) a SQLite store
+                self.client = RetryingClient(MlflowClient(tracking_uri=tracking_uri), tracking_uri)
+                found = self.client.get_experiment_by_name(experiment)
+                self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+                    experiment, artifact_location=artifact_location)
+        except StorageError:
+            raise
         except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise StorageError(f"field 'tracking.uri': cannot use MLflow tracking store: {reason}") from None
+            raise StorageError(f"field 'tracking.uri': cannot use MLflow tracking store {safe_url(tracking_uri)}: "
+                               f"{mask_urls(first_line(exc, tracking_uri))}") from None
         self._trial_runs: dict[int, str] = {}
         self._pareto: dict[int, str] = {}
         self._rank: dict[int, str] = {}
@@ -128,6 +133,7 @@ class Tracker:
 
     def finish_parent(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+        crash_point("mlflow.parent_ended")
 
     def _load_children(self, parent_id: str) -> None:
         runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
@@ -156,6 +162,7 @@ class Tracker:
             tags["fail_reason"] = reason[:5000]
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{number:04d}", tags=tags)
         run_id = run.info.run_id
+        crash_point("mlflow.child_created")
         params = [Param(k, str(v)) for k, v in plan.as_params().items()]
         for chunk in _batched(params):
             self.client.log_batch(run_id, params=chunk)
@@ -163,9 +170,46 @@ class Tracker:
             metrics = [Metric(k, v, _now(), 0) for k, v in result.as_metrics().items()]
             self.client.log_batch(run_id, metrics=metrics)
         self.client.log_table(run_id, _plan_table(plan), "plan.json")
+        crash_point("mlflow.child_logged")
         self.client.set_terminated(run_id, status="FINISHED" if result else "FAILED")
         self._trial_runs[number] = run_id
+        crash_point("mlflow.child_ended")
         return run_id
+
+    def drop_unfinished_trial_runs(self, parent_id: str) -> list[str]:
+        """Delete the trial runs a killed driver left RUNNING (killed between MLflow's create_run and the
+        end of its logging), so that the trial is logged again, once and whole, instead of twice."""
+        runs = self.client.search_runs(
+            [self.experiment_id], max_results=50000,
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'")
+        dropped = [run.info.run_id for run in runs if TRIAL_TAG in run.data.tags]
+        for run_id in dropped:
+            self.client.delete_run(run_id)
+        return dropped
+
+    def drop_trial_runs_except(self, keep: Iterable[int]) -> list[int]:
+        """Delete the loaded trial runs whose trial number is not in ``keep`` (the study's finished trials):
+        runs the study has no trial for. Returns their trial numbers."""
+        keep = set(keep)
+        dropped = sorted(number for number in self._trial_runs if number not in keep)
+        for number in dropped:
+            self.client.delete_run(self._trial_runs.pop(number))
+            for known in (self._pareto, self._rank, self._models):
+                known.pop(number, None)
+        return dropped
+
+    def drop_unlinked_models(self, study_name: str) -> list[str]:
+        """Delete the study's logged models that no trial run links to (a driver killed while logging one),
+        so that the model is logged again instead of twice. Returns their ids."""
+        linked = set(self._models.values())
+        dropped = []
+        models = self.client.search_logged_models([self.experiment_id], max_results=1000,
+                                                  filter_string=f"tags.`{STUDY_TAG}` = '{study_name}'")
+        for model in models:
+            if model.model_id not in linked:
+                self.client.delete_logged_model(model.model_id)
+                dropped.append(model.model_id)
+        return dropped
 
     def trial_run(self, number: int) -> str | None:
         return self._trial_runs.get(number)
@@ -184,6 +228,7 @@ class Tracker:
             flag, rank = ("true" if front[number] == 0 else "false"), str(front[number])
             if self._pareto.get(number) != flag:
                 self.client.set_tag(run_id, PARETO_TAG, flag)
+                crash_point("mlflow.tag")
                 changed.append(number)
             if self._rank.get(number) != rank:
                 self.client.set_tag(run_id, RANK_TAG, rank)
@@ -201,6 +246,7 @@ class Tracker:
                 else:
                     path.write_text(content, encoding="utf-8")
             self.client.log_artifacts(run_id, tmp, artifact_path)
+        crash_point("mlflow.parent_files")
 
     def log_metrics(self, run_id: str, values: Mapping[str, float], step: int = 0) -> None:
         now = _now()
@@ -215,6 +261,7 @@ class Tracker:
         metrics = [Metric(key, float(value), timestamp, step) for key, value, step, timestamp in points]
         for chunk in _batched(metrics, 500):
             self.client.log_batch(run_id, metrics=chunk)
+        crash_point("mlflow.history")
 
     def set_note(self, run_id: str, markdown: str) -> None:
         """The run's description in the MLflow UI (rendered as Markdown)."""
@@ -253,6 +300,7 @@ class Tracker:
         logged = self.client.create_logged_model(
             self.experiment_id, name=f"trial-{number:04d}", source_run_id=run_id,
             tags={TRIAL_TAG: str(number), **dict(tags)}, model_type="pruned")
+        crash_point("mlflow.model_created")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model"
             meta = Model(artifact_path=logged.artifact_location, run_id=run_id, model_id=logged.model_id,
@@ -276,6 +324,7 @@ class Tracker:
         self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, 0)])
         self.client.set_tag(run_id, MODEL_TAG, logged.model_id)
         self._models[number] = logged.model_id
+        crash_point("mlflow.model_done")
         return logged.model_id
 
     def model_uri(self, number: int) -> str:
@@ -313,6 +362,7 @@ class Tracker:
 
 def find_parent(tracking_uri: str, experiment: str, study_name: str) -> tuple[str, str] | None:
     """``(experiment id, parent run id)`` of a study, creating nothing; None if absent."""
+    check_reachable(tracking_uri, "tracking.uri")
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:

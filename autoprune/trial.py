@@ -189,9 +189,15 @@ def _latency_inputs(loader: Batches, batch_size: int) -> torch.Tensor:
 
 
 def measure_dense(
-    dense: nn.Module, val_loader: Batches, settings: TrialSettings, *, min_run_time: float = 0.5
+    dense: nn.Module, val_loader: Batches, settings: TrialSettings, *, min_run_time: float | None = None
 ) -> DenseBaseline:
-    """The dense model's accuracy, size, params, MACs and latency, timed alone."""
+    """The dense model's accuracy, size, params, MACs and latency, timed alone.
+
+    The reference latency every trial's is scaled from is timed longer than a trial's:
+    ``min_run_time`` defaults to ten times ``settings.latency_min_run_time`` (0.5 s by default).
+    """
+    if min_run_time is None:
+        min_run_time = 10 * settings.latency_min_run_time
     example = next(iter(val_loader))[0][:1]
     inputs = _latency_inputs(val_loader, settings.latency_batch)
     latency_ms = measure.reference_latency_ms(dense, inputs, threads=settings.latency_threads,

@@ -285,3 +285,35 @@ def attempts(control: Path) -> list[tuple[int, str, int]]:
         number, action, pid = entry.name.split("-")
         found.append((int(number), action, int(pid)))
     return sorted(found)
+
+
+# ---------------------------------------------------------------- drivers forked from a forkserver
+def run_cli_in_child(argv: list[str], env: dict[str, str], cwd: str, log: str) -> None:
+    """``autoprune ARGV`` in this (forked) process with ``env`` added, output to ``log``; exits with its code.
+
+    Used as a ``multiprocessing`` target from a forkserver that imported autoprune already, so a driver
+    starts in milliseconds; a crash point (``AUTOPRUNE_CRASH_AT``) may kill it anywhere.
+    """
+    os.environ.update({"COLUMNS": "200", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+                       **env})
+    os.chdir(cwd)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.argv = ["autoprune", *argv]
+    code = 1
+    try:
+        from autoprune.cli import main
+
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

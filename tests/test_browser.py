@@ -158,5 +158,5 @@ def test_pareto_chart_and_front_filter_in_the_mlflow_ui(tiny_project: Path, tmp_
         log.close()
     assert server.poll() is not None
     output = (tmp_path / "mlflow-server.log").read_text()
-    assert "server --backend-store-uri" in output and "--workers 1" in output
+    assert "MLFLOW_BACKEND_STORE_URI=" in output and "server --host" in output and "--workers 1" in output
     print(f"study + server {searched - started:.1f} s, browser {time.monotonic() - searched:.1f} s")

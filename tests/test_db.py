@@ -83,7 +83,7 @@ def test_search_refuses_an_outdated_database_then_records_itself(tiny_project: P
     rows = db.list_searches(url)
     assert len(rows) == 1
     row = rows[0]
-    dense = config.work_path / "dense.pt"
+    dense = config.work_path / "studies" / "tiny" / "dense.pt"  # per study
     assert row["study"] == "tiny" and row["storage"] == config.storage_url
     assert row["dense_checkpoint"] == str(dense)
     assert row["dense_sha256"] == hashlib.sha256(dense.read_bytes()).hexdigest()

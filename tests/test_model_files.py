@@ -239,3 +239,54 @@ def test_quantized_tensors_round_trip_bit_exactly(tmp_path: Path) -> None:
         assert torch.equal(back[name].dequantize(), original.dequantize())
     blob = torch.load(tmp_path / "q.pt", weights_only=True)
     assert blob["version"] == 2 and isinstance(blob["tensors"]["t"]["int_repr"], dict)
+
+
+class _Planted:
+    """A pickle that creates ``marker`` when it is loaded: code run by unpickling a planted file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_digests_guard_the_skeleton_before_it_is_unpickled(tmp_path: Path) -> None:
+    from autoprune.errors import AutopruneError
+    from autoprune.model_files import SKELETON_FILE, WEIGHTS_FILE, digests, file_digests
+
+    net = nn.Sequential(nn.Linear(4, 3))
+    save_model(net, tmp_path / "m")
+    expected = file_digests(tmp_path / "m")
+    weights, skeleton = ((tmp_path / "m" / name).read_bytes() for name in (WEIGHTS_FILE, SKELETON_FILE))
+    assert expected == digests(weights, skeleton) and set(expected) == {WEIGHTS_FILE, SKELETON_FILE}
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "m", expected)(x), net(x))
+    with pytest.raises(AutopruneError, match="stores no digest for it"):
+        load_model(tmp_path / "m", {})
+
+    marker = tmp_path / "pwned"
+    torch.save(_Planted(marker), tmp_path / "m" / SKELETON_FILE)
+    with pytest.raises(AutopruneError, match=r"skeleton.pt: sha256 .* expected .*refusing to load it") as info:
+        load_model(tmp_path / "m", expected)
+    assert "\n" not in str(info.value)
+    assert not marker.exists()  # refused before unpickling
+    with pytest.raises(AutopruneError, match=r"expected a pickled torch\.nn\.Module"):
+        load_model(tmp_path / "m")  # unchecked: what the digests prevent
+    assert marker.exists()
+
+
+def test_missing_and_truncated_files_are_one_line_errors(tmp_path: Path) -> None:
+    from autoprune.errors import AutopruneError
+    from autoprune.model_files import SKELETON_FILE, WEIGHTS_FILE
+
+    save_model(nn.Sequential(nn.Linear(64, 64)), tmp_path)
+    weights = (tmp_path / WEIGHTS_FILE).read_bytes()
+    (tmp_path / WEIGHTS_FILE).write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(AutopruneError, match=r"weights.pt: cannot read the weights \(damaged or truncated\?\)") as info:
+        load_model(tmp_path)
+    assert "\n" not in str(info.value)
+    (tmp_path / SKELETON_FILE).unlink()
+    with pytest.raises(AutopruneError, match=r"skeleton.pt is missing"):
+        load_model(tmp_path)

@@ -173,8 +173,8 @@ def test_seeds_need_the_same_model_config(analysed, caplog: pytest.LogCaptureFix
 def test_cli_prints_table_and_next_step(analysed, project: Path) -> None:
     config, _, _ = analysed
     work = project.parent / "cli_work"
-    work.mkdir()
-    shutil.copy(config.work_path / "dense.pt", work / "dense.pt")  # the same dense model, no pre-training
+    (work / "studies" / "cli").mkdir(parents=True)  # the same dense model, no pre-training
+    shutil.copy(config.study_path / "dense.pt", work / "studies" / "cli" / "dense.pt")
     # another study in the same stores (their tables exist already: a faster start)
     stores = ["--set", f"tracking.uri={config.tracking_uri}", "--set", "tracking.experiment=tiny",
               "--set", f"study.storage={config.storage_url}", "--set", "study.name=cli"]

@@ -156,11 +156,14 @@ def downgrade(url: str, revision: str) -> SchemaState:
 
 def prepare(url: str) -> SchemaState:
     """Check the schema before a search writes anything: create a new database, refuse an outdated one."""
-    state = schema_state(url)
-    if state.status == "current":
-        return state
-    if state.status == "empty":
-        return upgrade(url)
+    from ..retry import store_lock
+
+    with store_lock(url):  # two searches started at once on a fresh work dir: one creates the tables
+        state = schema_state(url)
+        if state.status == "current":
+            return state
+        if state.status == "empty":
+            return upgrade(url)
     if state.status == "ahead":
         raise StorageError(f"autoprune database {safe_url(url)} is at revision {state.current!r}, newer than this "
                            f"autoprune knows (head {state.head!r}): upgrade autoprune")
