@@ -37,6 +37,9 @@ ConfigArg = Annotated[Path, typer.Argument(help="The search's YAML config (see s
                                            show_default=False)]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a config value: --set study.n_trials=50 (repeatable; value read as YAML).")]
+DebugOpt = Annotated[bool, typer.Option(
+    "--debug", help="Run trials one at a time in this process (execution.backend=in_process) and stop at the "
+                    "first exception a trial raises, with its traceback, instead of recording a failed trial.")]
 
 
 @contextmanager
@@ -44,6 +47,8 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except AutopruneError as exc:
+        if getattr(exc, "autoprune_trial", None) is not None:  # --debug: a trial's own error keeps its traceback
+            raise
         err.print(f"[bold red]error:[/] {escape(_one_line(str(exc)))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -108,7 +113,8 @@ def _require_study_file(cfg) -> None:
 
 def _open_study(cfg):
     """The config's existing study, creating nothing."""
-    from .study import load_study, make_sampler, open_storage
+    from .storage import open_storage
+    from .study import load_study, make_sampler
 
     _require_study_file(cfg)
     return load_study(open_storage(cfg.storage_url), cfg.study.name, make_sampler(cfg.study.sampler, cfg.study.seed))
@@ -132,13 +138,14 @@ def _reading_study(url: str) -> Iterator[None]:
                            f"{_one_line(first_line(exc, url))}; is it damaged? Restore it from a backup") from None
 
 
-def _search(config_path: Path, overrides: list[str] | None, resume: bool) -> None:
+def _search(config_path: Path, overrides: list[str] | None, resume: bool, debug: bool = False) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from .retry import safe_url
     from .search import run_search
-    from .study import safe_url
 
-    config = _load(config_path, overrides)
+    debugging = ["execution.backend=in_process", "execution.debug=true"] if debug else []
+    config = _load(config_path, [*(overrides or []), *debugging])
     out.print(f"study [bold]{config.study.name}[/]: {config.study.n_trials} trials, work dir {config.work_path}")
     with Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[status]}"), console=out, transient=False) as bar:
@@ -172,11 +179,27 @@ def _print_front(rows: list[dict], dense: dict | None = None) -> None:
     if dense:
         table.add_row("dense", f"{dense['accuracy']:.4f}", "", f"{dense['size_bytes']:,}",
                       f"{dense['latency_ms']:.4f}", f"{dense['params']:,}", f"{dense['macs']:,}", style="dim")
-    out.print(table)
+    _print_whole(table)
+
+
+def _print_whole(table: Table) -> None:
+    """Print ``table`` at its natural width however narrow the terminal or pipe: rich would shrink its columns
+    to fit and cut numbers ('51,259,2…'); wider than a terminal, whole lines wrap and every value stays whole."""
+    from rich.measure import Measurement
+
+    for column in table.columns:
+        column.no_wrap = True
+    needed = Measurement.get(out, out.options.update_width(100_000), table).maximum
+    if needed <= out.width:
+        out.print(table)
+        return
+    wide = Console(file=out.file, width=needed, color_system=out.color_system, force_terminal=out.is_terminal,
+                   no_color=out.no_color, highlight=False)
+    wide.print(table, crop=False)
 
 
 @app.command()
-def run(config: ConfigArg, set_: SetOpt = None) -> None:
+def run(config: ConfigArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
     """Start a new search from CONFIG and print its Pareto front.
 
     The study (Optuna), the MLflow store, the dense model and every trial's pruned model go under
@@ -184,30 +207,41 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
     Then: 'autoprune front CONFIG', 'autoprune ui CONFIG', 'autoprune export CONFIG --trial N --out F'.
     """
     with _user_errors():
-        _search(config, set_, resume=False)
+        _search(config, set_, resume=False, debug=debug)
 
 
 @app.command()
-def resume(config: ConfigArg, set_: SetOpt = None) -> None:
+def resume(config: ConfigArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
     """Continue a stopped or crashed search up to its trial count (same sampler, seed and study)."""
     with _user_errors():
-        _search(config, set_, resume=True)
+        _search(config, set_, resume=True, debug=debug)
 
 
 @app.command()
 def front(config: ConfigArg, set_: SetOpt = None,
-          as_json: Annotated[bool, typer.Option("--json", help="Print the front as JSON.")] = False) -> None:
+          as_json: Annotated[bool, typer.Option(
+              "--json", help="Print the front as JSON: every trial's objectives, params, MACs, sparsity, baseline "
+                             "label and plan (its sampled parameters), full values.")] = False,
+          as_csv: Annotated[bool, typer.Option(
+              "--csv", help="Print the front as CSV: the same values, one plan.<parameter> column each.")] = False,
+          ) -> None:
     """Print the Pareto front of the study: accuracy, drop, size, latency, params, MACs."""
     with _user_errors():
         from . import pareto
         from .study import DENSE_ATTR
 
+        if as_json and as_csv:
+            raise typer.BadParameter("give one of --json and --csv")
         cfg = _load(config, set_)
         with _reading_study(cfg.storage_url):
             study = _open_study(cfg)
-            rows = pareto.front_rows(pareto.complete_trials(study))
+            trials = pareto.complete_trials(study)
+            rows = pareto.front_rows(trials)
         if as_json:
-            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+            sys.stdout.write(json.dumps(pareto.front_records(trials), indent=2) + "\n")
+            return
+        if as_csv:
+            sys.stdout.write(pareto.records_csv(pareto.front_records(trials)))
             return
         dense = study.user_attrs.get(DENSE_ATTR) or {}
         _print_front(rows, dense or None)
@@ -223,19 +257,24 @@ def export(config: ConfigArg,
         from .export import export_trial
 
         cfg = _load(config, set_)
-        report = export_trial(cfg, trial, out_path)
+        from .workspace import Workspace
+
+        report = export_trial(Workspace(cfg), trial, out_path)
         out.print(f"wrote {report.path} ({report.bytes:,} bytes); outputs match the trial's model "
                   f"(max abs diff {report.max_abs_diff:.2e} on {report.samples} samples). "
                   f"Load with: torch.export.load({str(report.path)!r}).module()")
 
 
 def main() -> None:
-    # MLflow and alembic announce every table they create; users want the search's own output.
-    # MLflow sets its loggers' levels when imported, so import it first.
-    import mlflow  # noqa: F401
+    # MLflow and alembic announce every table they create; users want the search's own output. MLflow sets
+    # its loggers' levels from MLFLOW_LOGGING_LEVEL when imported: ask for WARNING there instead of importing
+    # MLflow here, which would cost seconds before even --help (a level the user set is kept).
+    import os
 
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if "mlflow" in sys.modules:  # imported already (main() called in a process that uses MLflow)
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     app()
 
 
@@ -250,7 +289,8 @@ def db_upgrade(config: ConfigArg, set_: SetOpt = None) -> None:
     """Create or migrate autoprune's database (study.db_url; default <work_dir>/autoprune.db) to this version."""
     with _user_errors():
         from . import db
-        from .study import ensure_distinct_stores, safe_url
+        from .retry import safe_url
+        from .storage import ensure_distinct_stores
 
         cfg = _load(config, set_)
         url = db.database_url(cfg)
@@ -267,7 +307,7 @@ def db_status(config: ConfigArg, set_: SetOpt = None,
     """Show the database's schema revision against this autoprune's, and the searches it records."""
     with _user_errors():
         from . import db
-        from .study import safe_url
+        from .retry import safe_url
 
         cfg = _load(config, set_)
         url = db.database_url(cfg)
@@ -336,7 +376,7 @@ def sensitivity(
 
 
 def _print_sensitivity(cfg, config_path: Path, result) -> None:
-    from .study import safe_url
+    from .retry import safe_url
 
     table = Table(title=f"Accuracy without fine-tuning, one unit pruned at a time (dense {result.dense_accuracy:.4f});"
                         f" bound = largest sparsity with drop <= {result.max_drop:g}")
@@ -411,11 +451,13 @@ def report(config: ConfigArg, set_: SetOpt = None,
         import shlex
 
         from .report import regenerate
-        from .study import safe_url
+        from .retry import safe_url
 
         cfg = _load(config, set_)
         _require_study_file(cfg)
-        result = regenerate(cfg, register=register)
+        from .workspace import Workspace
+
+        result = regenerate(Workspace(cfg), register=register)
         created = " (created: the store had none)" if result.created_parent else ""
         say = {"highlight": False, "soft_wrap": True}
         out.print(f"parent run {result.parent_run_id}{created}, experiment {result.experiment_id}, "
@@ -466,7 +508,7 @@ def ui(config: ConfigArg, set_: SetOpt = None,
         import shlex
 
         from .errors import StorageError
-        from .study import safe_url
+        from .retry import safe_url
         from .tracking import find_parent
 
         cfg = _load(config, set_)
@@ -516,7 +558,7 @@ def dashboard(config: ConfigArg, set_: SetOpt = None,
         import importlib.util
         import shlex
 
-        from .study import safe_url
+        from .retry import safe_url
 
         cfg = _load(config, set_)
         url = cfg.storage_url
@@ -543,7 +585,8 @@ def dashboard(config: ConfigArg, set_: SetOpt = None,
         from optuna_dashboard import run_server
 
         from .errors import StorageError
-        from .study import OBJECTIVES, load_study, make_sampler, open_storage
+        from .storage import open_storage
+        from .study import OBJECTIVES, load_study, make_sampler
 
         if not _port_free(port):
             raise StorageError(f"option '--port': port {port} on 127.0.0.1 is in use; pass another with --port")

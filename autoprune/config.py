@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,7 +59,9 @@ class PretrainConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    factory: str
+    factory: str | None = None
+    """``module:callable`` returning the model; required unless the model is given as an object
+    (``autoprune.Search(model=...)``)."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Path | None = None
     pretrain: PretrainConfig | None = None
@@ -79,19 +82,23 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         sources = (self.checkpoint is not None) + (self.pretrain is not None) + self.pretrained
-        if sources != 1:
+        if sources > 1 or (sources == 0 and self.factory is not None):  # a model object is trained as given
             raise ValueError("expected exactly one of 'checkpoint' or 'pretrain' (or 'pretrained: true')")
         return self
 
 
 class DataConfig(_Strict):
-    factory: str
+    factory: str | None = None
+    """``module:callable`` returning ``(train_loader, val_loader)``; required unless the data are given as
+    objects (``autoprune.Search(train_data=..., val_data=...)``)."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(64, ge=1)
+    """Batch size for datasets given as objects (DataLoaders keep theirs)."""
 
     @field_validator("factory")
     @classmethod
-    def _factory_format(cls, value: str) -> str:
-        return _check_factory(value)
+    def _factory_format(cls, value: str | None) -> str | None:
+        return None if value is None else _check_factory(value)
 
 
 class SparsityRange(_Strict):
@@ -143,7 +150,7 @@ class SpaceConfig(_Strict):
     @model_validator(mode="after")
     def _schedulable_methods(self) -> SpaceConfig:
         if "iterative" in self.schedules or self.rewind != "never":
-            from .schedule import supports_iterative
+            from .catalog import supports_iterative
 
             unsupported = [m for m in self.methods if not supports_iterative(m)]
             if unsupported:
@@ -156,11 +163,11 @@ class SpaceConfig(_Strict):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, value: list[str]) -> list[str]:
-        from .methods import get_method
+        from .catalog import check_method
 
         for name in value:
             try:
-                get_method(name)
+                check_method(name)
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
         if len(set(value)) != len(value):
@@ -193,6 +200,15 @@ class ExecutionConfig(_Strict):
     gpus_per_trial: float = Field(0.0, ge=0)
     memory_per_trial_mb: int | None = Field(None, ge=1)
     max_retries: int = Field(0, ge=0)
+    debug: bool = False
+    """Re-raise the first exception a trial raises, with its traceback, instead of failing the trial
+    (``autoprune run --debug``); needs ``backend: in_process``."""
+
+    @model_validator(mode="after")
+    def _debug_in_process(self) -> ExecutionConfig:
+        if self.debug and self.backend != "in_process":
+            raise ValueError("debug: true needs backend: in_process (trials raise in this process)")
+        return self
 
 
 class TrackingConfig(_Strict):
@@ -204,8 +220,8 @@ class TrackingConfig(_Strict):
 
 class SearchConfig(_Strict):
     study: StudyConfig
-    model: ModelConfig
-    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
     work_dir: Path = Path("runs")
     space: SpaceConfig = SpaceConfig()
     finetune: FinetuneConfig = FinetuneConfig()
@@ -344,27 +360,66 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> SearchC
         raise ConfigError(f"config {path}: cannot read: {type(exc).__name__}: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(raw).__name__}")
-    if "base_dir" in raw:
-        raise ConfigError(f"config {path}: field 'base_dir': unknown key")
-    raw = apply_overrides(raw, overrides or [])
-    raw["base_dir"] = str(path.resolve().parent)
-    try:
-        config = SearchConfig.model_validate(raw)
-    except ConfigError as exc:
-        raise ConfigError(f"config {path}: {exc}") from None
-    except ValidationError as exc:
-        problems = "; ".join(_describe(err) for err in exc.errors())
-        raise ConfigError(f"config {path}: {problems}") from None
-    _check_work_dir(path, config)
+    config = config_from_mapping(raw, path.resolve().parent, overrides, source=f"config {path}")
+    for section in ("model", "data"):  # a file names its factories; Python code may pass objects instead
+        if getattr(config, section).factory is None:
+            raise ConfigError(f"config {path}: field '{section}.factory': required but missing (a 'module:callable' "
+                              f"returning the {'model' if section == 'model' else '(train_loader, val_loader)'})")
     return config
 
 
-def _check_work_dir(path: Path, config: SearchConfig) -> None:
+def config_from_mapping(raw: Mapping[str, Any], base_dir: str | Path, overrides: list[str] | None = None, *,
+                        source: str = "config") -> SearchConfig:
+    """Override and validate a config given as a mapping (from a YAML file, or Python code); relative paths
+    in it are relative to ``base_dir``. Every problem is one :class:`ConfigError` starting with ``source``."""
+    if "base_dir" in raw:
+        raise ConfigError(f"{source}: field 'base_dir': unknown key")
+    raw = apply_overrides(dict(raw), overrides or [])
+    raw["base_dir"] = str(Path(base_dir).resolve())
+    try:
+        config = SearchConfig.model_validate(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(_describe(err) for err in exc.errors())
+        raise ConfigError(f"{source}: {problems}") from None
+    _check_work_dir(source, config)
+    return config
+
+
+ALWAYS_CHANGEABLE = ("study.n_trials", "study.storage", "study.db_url", "execution.", "tracking.uri",
+                     "tracking.log_models")
+"""Config fields a resume may change freely: how long and where the search runs, not what it searches."""
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, Mapping) and data:
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): data}
+
+
+def config_changes(stored: Mapping[str, Any], current: Mapping[str, Any],
+                   allowed: Sequence[str] = ()) -> list[str]:
+    """The dotted fields whose values differ between two config snapshots, except those a resume may change
+    (:data:`ALWAYS_CHANGEABLE`) and those in ``allowed`` (a field, or a section ending in '.'/'*')."""
+    old, new = _flatten(stored), _flatten(current)
+    free = (*ALWAYS_CHANGEABLE, *(a.rstrip("*") for a in allowed))
+
+    def is_free(name: str) -> bool:
+        return any(name == f or (f.endswith(".") and name.startswith(f)) or name.startswith(f + ".") for f in free)
+
+    return sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name) and not is_free(name))
+
+
+def _check_work_dir(source: str | Path, config: SearchConfig) -> None:
     """``work_dir`` must be a directory or creatable as one: no existing file on its path."""
     for where in (config.work_path, *config.work_path.parents):
         if where.exists():
             if not where.is_dir():
                 what = "is an existing file" if where == config.work_path else f"is under {where}, an existing file"
-                raise ConfigError(f"config {path}: field 'work_dir': expected a directory (existing or to be "
+                raise ConfigError(f"{source}: field 'work_dir': expected a directory (existing or to be "
                                   f"created), got {config.work_path}, which {what}")
             return

@@ -1,8 +1,9 @@
 """Where trials run: on Ray (local or an existing cluster) or in-process.
 
 The only module that imports Ray. Both executors take the same inputs and give
-back, per trial number, either a :class:`~autoprune.trial.TrialOutput` or the
-reason it failed, so the search loop does not care where trials ran. The dense
+back, per trial number, either a :class:`~autoprune.trial.TrialOutput` or a
+:class:`~autoprune.plan.TrialFailure` (its kind, reason and traceback), so the
+search loop does not care where trials ran. The dense
 model, the data and the settings are put in Ray's object store once.
 
 On a cluster (``execution.address``) each trial asks Ray for
@@ -15,6 +16,7 @@ raises is not retried. Each result says where it ran (:attr:`placements`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -28,10 +30,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .plan import Plan
+from .errors import UnsupportedLayerError
+from .plan import Plan, TrialFailure, bounded_traceback
 from .trial import Batches, DenseBaseline, TrialOutput, TrialSettings, run_trial
 
-Outcome = TrialOutput | str  # a string is the failure reason
+Outcome = TrialOutput | TrialFailure
 
 log = logging.getLogger("autoprune")
 
@@ -65,6 +68,27 @@ def failure_reason(exc: BaseException) -> str:
     return text[-2000:]
 
 
+def failure_kind(exc: BaseException) -> str:
+    """The :data:`~autoprune.plan.FAILURE_KINDS` entry of an exception a trial raised (its causes included)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, torch.OutOfMemoryError | MemoryError):
+            return "out_of_memory"
+        if isinstance(current, UnsupportedLayerError):
+            return "unsupported_layer"
+        current = current.__cause__ or current.__context__
+    return "user_code"
+
+
+def trial_failure(exc: BaseException, text: str | None = None) -> TrialFailure:
+    """The failure of a trial that raised ``exc``; ``text``: its traceback if not ``exc``'s own (a remote one)."""
+    if text is None:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return TrialFailure(failure_kind(exc), failure_reason(exc), bounded_traceback(text.strip()))
+
+
 class Executor(Protocol):
     placements: dict[int, dict[str, Any]]
     """Where each finished trial ran (``node_id``, ``worker_pid``, ``modules``), by trial number."""
@@ -81,10 +105,15 @@ class Executor(Protocol):
 
 
 class InProcessExecutor:
-    """Runs trials one at a time in this process: for debugging and small tests."""
+    """Runs trials one at a time in this process: for debugging and small tests.
 
-    def __init__(self, payload: TrialPayload) -> None:
+    With ``debug`` the first exception a trial raises propagates (with its traceback) instead of
+    failing the trial; the trial is left running, as after Ctrl-C (``resume`` runs it again).
+    """
+
+    def __init__(self, payload: TrialPayload, *, debug: bool = False) -> None:
         self._payload = payload
+        self._debug = debug
         self._queue: list[tuple[int, Plan]] = []
         self.placements: dict[int, dict[str, Any]] = {}
 
@@ -97,7 +126,13 @@ class InProcessExecutor:
         try:
             return [(number, execute(self._payload, plan))]
         except Exception as exc:
-            return [(number, failure_reason(exc))]
+            if not self._debug:
+                return [(number, trial_failure(exc))]
+            with contextlib.suppress(AttributeError, TypeError):
+                exc.autoprune_trial = number  # type: ignore[attr-defined]  # the CLI lets it through, traceback and all
+                exc.add_note(f"(raised by trial {number} in 'autoprune --debug'; the trial is left unfinished: "
+                             "'autoprune resume' runs it again)")
+            raise
 
     @property
     def running(self) -> int:
@@ -201,11 +236,13 @@ class RayExecutor:
                 output, where = self._ray.get(ref)
                 self.placements[number] = where
                 finished.append((number, output))
-            except self._ray.exceptions.RayTaskError as exc:
-                finished.append((number, failure_reason(exc.cause if exc.cause else exc)))
+            except self._ray.exceptions.RayTaskError as exc:  # the trial raised; str(exc): the remote traceback
+                finished.append((number, trial_failure(exc.cause if exc.cause else exc, str(exc))))
             except self._ray.exceptions.RayError as exc:  # worker or node died, also after every retry
                 text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                finished.append((number, f"{type(exc).__name__}: {text} (attempts: {1 + self._max_retries})"))
+                kind = "out_of_memory" if isinstance(exc, self._ray.exceptions.OutOfMemoryError) else "worker_lost"
+                reason = f"{type(exc).__name__}: {text} (attempts: {1 + self._max_retries})"
+                finished.append((number, TrialFailure(kind, reason, bounded_traceback(str(exc).strip()))))
         return finished
 
     @property

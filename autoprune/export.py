@@ -10,11 +10,8 @@ from pathlib import Path
 
 import torch
 
-from . import model_files
-from .config import SearchConfig
 from .errors import AutopruneError, ConfigError
-from .model_io import build_loaders, import_factory
-from .search import trial_dir
+from .workspace import Workspace
 
 #: Outputs of the exported program must match the trial's model this closely.
 TOLERANCE = 1e-5
@@ -26,37 +23,6 @@ class ExportReport:
     bytes: int
     max_abs_diff: float
     samples: int
-
-
-def trial_digests(config: SearchConfig, number: int) -> dict[str, str]:
-    """The digests of trial ``number``'s model files stored in the study (``model_files.FILES_ATTR``);
-    empty when the study stores none for it. Opens the study read-only: creates nothing."""
-    from .errors import StorageError
-    from .retry import safe_url, sqlite_file
-    from .study import load_study, make_sampler, open_storage
-
-    url = config.storage_url
-    missing = sqlite_file(url)
-    if missing is not None and not missing.is_file():
-        raise StorageError(f"field 'study.storage': no study database at {missing}; run the search first")
-    study = load_study(open_storage(url), config.study.name, make_sampler(config.study.sampler, config.study.seed))
-    trials = [t for t in study.get_trials(deepcopy=False) if t.number == number]
-    if not trials:
-        raise ConfigError(f"option '--trial': study {config.study.name!r} in {safe_url(url)} has no trial {number} "
-                          f"(see 'autoprune front')")
-    return dict(trials[0].user_attrs.get(model_files.FILES_ATTR) or {})
-
-
-def load_trial_model(config: SearchConfig, number: int) -> torch.nn.Module:
-    """The pruned, fine-tuned model of trial ``number`` from the study's work dir, after checking its files
-    against the digests the study stored when they were written (a planted skeleton would run code)."""
-    expected = trial_digests(config, number)
-    import_factory(config.model.factory, config.base_dir, "model.factory")  # makes its class importable
-    directory = trial_dir(config, number)
-    if not (directory / model_files.WEIGHTS_FILE).is_file():
-        raise ConfigError(f"option '--trial': no model files for trial {number} in {directory} "
-                          f"(only complete trials have models; see 'autoprune front')")
-    return model_files.load_model(directory, expected)
 
 
 def check_out_path(out: Path) -> None:
@@ -77,12 +43,12 @@ def check_out_path(out: Path) -> None:
         raise ConfigError(f"option '--out': cannot write {out}: the file exists and is not writable")
 
 
-def export_trial(config: SearchConfig, number: int, out: Path) -> ExportReport:
+def export_trial(workspace: Workspace, number: int, out: Path) -> ExportReport:
+    """Write trial ``number``'s model to ``out`` with ``torch.export`` and check that the file gives the
+    model's outputs on a validation batch."""
     check_out_path(out)
-    model = load_trial_model(config, number).eval()
-    data_factory, _ = import_factory(config.data.factory, config.base_dir, "data.factory")
-    _, val_loader = build_loaders(data_factory, config.data.kwargs, "data.factory")
-    inputs = next(iter(val_loader))[0]
+    model = workspace.load_trial_model(number).eval()
+    inputs = next(iter(workspace.inputs.val_loader))[0]
     program = _export(model, inputs)
     created = [p for p in reversed(out.absolute().parents) if not p.exists()]
     try:

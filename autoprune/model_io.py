@@ -67,6 +67,11 @@ def build_loaders(factory: Callable[..., Any], kwargs: dict[str, Any], field: st
     if not (isinstance(loaders, tuple | list) and len(loaders) == 2):
         raise ConfigError(f"field {field!r}: expected the factory to return (train_loader, val_loader), "
                           f"got {type(loaders).__name__}")
+    return check_loaders(loaders, field)
+
+
+def check_loaders(loaders: tuple[Loader, Loader] | list[Loader], field: str) -> tuple[Loader, Loader]:
+    """Check that the train and validation loaders yield ``(inputs, targets)`` tensor batches."""
     for which, loader in zip(("train", "val"), loaders, strict=False):
         batch = next(iter(loader), None)
         ok = (isinstance(batch, tuple | list) and len(batch) == 2

@@ -21,7 +21,7 @@ from optuna._hypervolume import compute_hypervolume
 from optuna.study._multi_objective import _fast_non_domination_rank
 from optuna.trial import FrozenTrial, TrialState
 
-from .study import STALE_ATTR
+from .study import BASELINE_ATTR, STALE_ATTR
 
 FRONT_COLUMNS = ("trial", "accuracy", "accuracy_drop", "size_bytes", "latency_ms", "params",
                  "nonzero_params", "macs", "param_sparsity")
@@ -60,6 +60,22 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
         row[column] = int(row[column]) if row[column] is not None else None
     row["accuracy"], row["size_bytes"], row["latency_ms"] = trial.values[0], int(trial.values[1]), trial.values[2]
     return row
+
+
+def front_records(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
+    """:func:`front_rows` with each trial's ``baseline`` label (or None) and its ``plan``: the sampled
+    parameters, ``{"<unit>/sparsity": 0.5, "<unit>/method": ..., "schedule": ...}``, full values."""
+    by_number = {t.number: t for t in trials}
+    return [{**row, "baseline": by_number[row["trial"]].user_attrs.get(BASELINE_ATTR),
+             "plan": dict(by_number[row["trial"]].params)} for row in front_rows(trials)]
+
+
+def records_csv(records: Sequence[Mapping[str, Any]]) -> str:
+    """:func:`front_records` as CSV: :data:`FRONT_COLUMNS`, ``baseline``, then one ``plan.<name>`` column per
+    parameter (empty where a trial has none)."""
+    names = sorted({name for record in records for name in record["plan"]})
+    rows = [{**record, **{f"plan.{k}": v for k, v in record["plan"].items()}} for record in records]
+    return to_csv(rows, [*FRONT_COLUMNS, "baseline", *(f"plan.{name}" for name in names)])
 
 
 def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = FRONT_COLUMNS) -> str:

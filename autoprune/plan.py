@@ -1,4 +1,4 @@
-"""What a trial is asked to do (:class:`Plan`) and what it reports (:class:`TrialResult`).
+"""What a trial is asked to do (:class:`Plan`) and what it reports (:class:`TrialResult`, or :class:`TrialFailure`).
 
 Plain frozen dataclasses with no dependencies: they cross process boundaries
 (Ray) and are written to Optuna and MLflow by the driver.
@@ -89,3 +89,40 @@ class TrialResult:
         metrics = {k: float(v) for k, v in asdict(self).items() if k != "extra"}
         metrics.update({k: float(v) for k, v in self.extra.items()})
         return metrics
+
+
+#: Why a trial failed, as :attr:`TrialFailure.kind`.
+FAILURE_KINDS = ("user_code", "out_of_memory", "worker_lost", "unsupported_layer")
+
+#: The most characters of a traceback kept with a failed trial (its start and its end).
+MAX_TRACEBACK = 16_000
+
+
+@dataclass(frozen=True)
+class TrialFailure:
+    """Why a trial failed, as data: stored with the trial (Optuna user attrs) and its MLflow run.
+
+    ``kind`` is one of :data:`FAILURE_KINDS`: ``user_code`` (the trial raised: the model, the data, the loss,
+    a plan the model cannot reach), ``out_of_memory`` (``torch.OutOfMemoryError``, ``MemoryError``, or Ray's
+    memory monitor killed the worker), ``worker_lost`` (the worker process or its node died, after any retries)
+    or ``unsupported_layer`` (a pruning method met a unit it cannot prune). ``reason`` is the short,
+    ``Type: message`` description (the ``fail_reason`` attribute); ``traceback`` the full one, at most
+    :data:`MAX_TRACEBACK` characters (see :func:`bounded_traceback`).
+    """
+
+    kind: str
+    reason: str
+    traceback: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAILURE_KINDS:
+            raise ValueError(f"kind must be one of {FAILURE_KINDS}, got {self.kind!r}")
+
+
+def bounded_traceback(text: str, limit: int = MAX_TRACEBACK) -> str:
+    """``text`` if it fits in ``limit`` characters, else its start and its end (where the raising frame is)."""
+    if len(text) <= limit:
+        return text
+    head = limit // 8
+    marker = f"\n[... {len(text) - limit} characters cut ...]\n"
+    return text[:head] + marker + text[len(text) - (limit - head - len(marker)):]

@@ -20,17 +20,16 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import charts, pareto
 from .errors import AutopruneError
-from .plan import Plan, TrialResult
+from .plan import FAILURE_KINDS, Plan, TrialFailure, TrialResult
 from .space import SearchSpace
-from .study import BASELINE_ATTR, CONFIG_ATTR, DENSE_ATTR, EXTRA_ATTR, REASON_ATTR
+from .study import BASELINE_ATTR, CONFIG_ATTR, DENSE_ATTR, EXTRA_ATTR, FAILURE_KIND_ATTR, REASON_ATTR, TRACEBACK_ATTR
 from .tracking import Tracker
 from .trial import DenseBaseline
 
 if TYPE_CHECKING:
     import torch
 
-    from .config import SearchConfig
-    from .search import Inputs
+    from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -54,23 +53,33 @@ class ModelSource:
     :meth:`StudyReport.finalize`; ``load`` refuses files that do not match them."""
 
 
-def model_source(config: SearchConfig, inputs: Inputs) -> ModelSource | None:
-    """The trial models of ``config``'s work dir, with a validation batch as input example;
+def model_source(workspace: Workspace) -> ModelSource | None:
+    """The trial models of the workspace's study, with a validation batch as input example;
     None when ``tracking.log_models`` is off (no MLflow models are logged then)."""
     import torch
 
-    if not config.tracking.log_models:
+    if not workspace.config.tracking.log_models:
         return None
 
     from . import model_files
-    from .search import trial_dir  # search imports this module
 
+    inputs = workspace.inputs
     batch = next(iter(inputs.val_loader))[0]
     # MLflow models of a single-tensor input only; other inputs (dicts, tuples) get no model, with a reason
     example = batch[:2].detach().cpu().numpy() if isinstance(batch, torch.Tensor) else None
     expected: dict[int, Mapping[str, str]] = {}
-    return ModelSource(lambda number: model_files.load_model(trial_dir(config, number), expected.get(number, {})),
+    return ModelSource(lambda number: model_files.load_model(workspace.trial_dir(number), expected.get(number, {})),
                        example, tuple(m.__file__ for m in inputs.modules if getattr(m, "__file__", None)), expected)
+
+
+def stored_failure(trial: FrozenTrial) -> TrialFailure | str:
+    """A failed trial's failure as stored in the study: a :class:`TrialFailure`, or only its reason (a trial
+    failed as stale, or by an older autoprune)."""
+    reason = str(trial.user_attrs.get(REASON_ATTR, "unknown"))
+    kind = trial.user_attrs.get(FAILURE_KIND_ATTR)
+    if kind not in FAILURE_KINDS:
+        return reason
+    return TrialFailure(str(kind), reason, str(trial.user_attrs.get(TRACEBACK_ATTR, "")))
 
 
 class StudyReport:
@@ -92,11 +101,11 @@ class StudyReport:
 
     # ---- during the search ----
     def trial_finished(self, study: optuna.Study, number: int, plan: Plan, user_attrs: Mapping[str, object],
-                       result: TrialResult | None, reason: str | None) -> int:
+                       result: TrialResult | None, failure: TrialFailure | str | None) -> int:
         """Log trial ``number``, re-tag the front, log the hypervolume; returns the front's size."""
         self._plans[number] = plan
         extra_tags = {"baseline": str(user_attrs[BASELINE_ATTR])} if BASELINE_ATTR in user_attrs else {}
-        self.tracker.log_trial(self.parent_id, self.study_name, number, plan, result, reason, extra_tags)
+        self.tracker.log_trial(self.parent_id, self.study_name, number, plan, result, failure, extra_tags)
         ranks = pareto.ranks(pareto.complete_trials(study))
         self._see_other_drivers(ranks)
         self.tracker.tag_pareto(ranks)
@@ -124,8 +133,7 @@ class StudyReport:
                                      extra=dict(trial.user_attrs.get(EXTRA_ATTR, {})))
                 self.trial_finished(study, trial.number, plan, trial.user_attrs, result, None)
             elif trial.state == TrialState.FAIL:
-                reason = str(trial.user_attrs.get(REASON_ATTR, "unknown"))
-                self.trial_finished(study, trial.number, plan, trial.user_attrs, None, reason)
+                self.trial_finished(study, trial.number, plan, trial.user_attrs, None, stored_failure(trial))
         self._log_history(study)
 
     def _log_history(self, study: optuna.Study, only_trial: int | None = None) -> None:
@@ -257,12 +265,6 @@ class Views:
 
 
 # ---- autoprune report ----
-def tracker_for(config: SearchConfig) -> Tracker:
-    """The study's MLflow tracker (artifacts in the work dir unless a tracking URI is configured)."""
-    return Tracker(config.tracking_uri, config.experiment_name,
-                   artifact_location=None if config.tracking.uri else (config.work_path / "artifacts").as_uri())
-
-
 @dataclass
 class Regenerated:
     experiment_id: str
@@ -275,29 +277,26 @@ class Regenerated:
     registered: list[tuple[int, str]] = field(default_factory=list)
 
 
-def regenerate(config: SearchConfig, *, register: str | None = None) -> Regenerated:
+def regenerate(workspace: Workspace, *, register: str | None = None) -> Regenerated:
     """Bring an existing study's MLflow records up to date: missing child runs, Pareto tags,
     hypervolume history, every parent-run file, and the Pareto trials' models (optionally
-    registered as versions of registered model ``register``)."""
-    from .search import build_inputs
-    from .study import load_study, make_sampler, open_storage
-
-    study = load_study(open_storage(config.storage_url), config.study.name,
-                       make_sampler(config.study.sampler, config.study.seed))
+    registered as versions of registered model ``register``). Creates no study."""
+    config = workspace.config
+    study = workspace.open_study()
     stored = study.user_attrs.get(DENSE_ATTR)
     if not stored:
         raise AutopruneError(f"study {config.study.name!r} has no dense baseline yet (it never ran a trial): "
                              f"nothing to report")
     baseline = DenseBaseline(**stored)
-    inputs = build_inputs(config)
-    tracker = tracker_for(config)
+    inputs = workspace.inputs
+    tracker = workspace.tracker()
     parent = tracker.open_parent(config.study.name)
     created = parent is None
     if parent is None:
         parent = tracker.start_parent(config.study.name, study.user_attrs.get(CONFIG_ATTR) or config.snapshot(),
                                       asdict(baseline))
     report = StudyReport(tracker, parent, config.study.name, baseline, space=inputs.space,
-                         models=model_source(config, inputs))
+                         models=model_source(workspace))
     report.log_missing(study, inputs.space)
     rows = report.finalize(study)
     if created:

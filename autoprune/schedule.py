@@ -38,11 +38,15 @@ Rewinding (lottery-ticket style, Frankle et al. 2019 / Renda et al. 2020)
     the rewind point (the dense model after ``space.rewind_epoch`` epochs of pre-training, or a
     given checkpoint), unstructured zeros are re-applied, and fine-tuning starts from there with
     the masks held. For structured units the early model undergoes the very same surgery with the
-    recorded indices (:func:`rewind`): Torch-Pruning's dependency graph for channel groups, the
-    attention methods' own slicing (forced to the recorded heads / neurons) for heads and MLP
-    neurons, the same block removal; the result must match the pruned model's parameter names and
-    shapes or the trial fails. Rewinding means re-training from early weights: it needs the
-    fine-tuning epochs to do so.
+    recorded indices (:func:`rewind`, through each method's ``replay``): Torch-Pruning's dependency
+    graph for channel groups, the attention methods' own slicing of the recorded heads / neurons,
+    the same block removal; the result must match the pruned model's parameter names and shapes or
+    the trial fails. Rewinding means re-training from early weights: it needs the fine-tuning
+    epochs to do so.
+
+Only the method contract (:class:`~autoprune.methods.PruningMethod`: ``family``, ``indexed``,
+``prune``, ``unit_size``, ``removal_count``, ``replay``) is used here, never a method's class or
+internals, so a new method that fills the contract works with every schedule.
 """
 
 from __future__ import annotations
@@ -52,15 +56,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from .errors import AutopruneError
-from .methods import FAMILY_ORDER, PruneContext, get_method
-from .methods import unstructured as unstructured_methods
-from .methods._common import IndexedPruningMethod, RemovedBlock, check_ratio, count_to_remove, live_targets
-from .methods.attention import AttentionHeads, MLPNeurons, scan_attention, scan_mlps
-from .methods.structured import StructuredMethod
+from .methods import FAMILY_ORDER, PruneContext, check_ratio, get_method, live_targets, removed_blocks
+from .methods.unstructured import apply_masks
 from .plan import Plan
 from .training import TrainSettings, train
 
@@ -68,7 +68,7 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 Targets = dict[str, dict[str, float]]
 """Pruning targets of one step: method name -> {unit: ratio}."""
 Removed = dict[str, dict[str, list[int]]]
-"""What structured methods removed in one step: method name -> {unit: indices}."""
+"""What the methods reported removed in one step: method name -> {unit: indices} (see ``PruningMethod.prune``)."""
 
 # Relative per-round ratios of structured units may exceed the cap (the final sparsity is checked
 # against it up front); methods still refuse 1.0.
@@ -92,36 +92,11 @@ def relative_ratio(previous: float, current: float) -> float:
     return 1.0 - (1.0 - current) / (1.0 - previous)
 
 
-# --------------------------------------------------------------------------- unit sizes
-
-
-def structured_size(model: nn.Module, method: IndexedPruningMethod, unit: str) -> int | None:
-    """How many channels / heads / neurons structured ``unit`` has in ``model`` now; None when
-    ``unit`` is not one of the method's units (the method itself then raises its own error)."""
-    if isinstance(method, StructuredMethod):
-        module = dict(model.named_modules()).get(unit)
-        size = getattr(module, "out_channels", None) or getattr(module, "out_features", None)
-        return size if isinstance(size, int) else None
-    if isinstance(method, AttentionHeads):
-        blocks, _ = scan_attention(model)
-        return blocks[unit].num_heads if unit in blocks else None
-    if isinstance(method, MLPNeurons):
-        mlps = scan_mlps(model)
-        return mlps[unit].up.out_features if unit in mlps else None
-    raise AutopruneError(f"schedule: structured method {method.name!r} is not supported by iterative schedules "
-                         "or rewinding; use the one-shot schedule without rewinding for it")
-
-
-def _count(method: IndexedPruningMethod, size: int, ratio: float, round_to: int | None) -> int:
-    """Units ``method`` removes for ``ratio`` of ``size`` (its own rounding rule)."""
-    rounding = None if isinstance(method, AttentionHeads) else round_to
-    return max(0, min(count_to_remove(size, ratio, rounding), size - 1))
-
-
 def supports_iterative(method_name: str) -> bool:
-    """Whether :class:`Schedule` can spread ``method_name`` over several rounds (and rewind it)."""
+    """Whether :class:`Schedule` can spread ``method_name`` over several rounds (and rewind it):
+    structured methods must be ``indexed`` (count, report and replay whole parts)."""
     method = get_method(method_name)
-    return method.family != "structured" or isinstance(method, StructuredMethod | AttentionHeads | MLPNeurons)
+    return method.family != "structured" or method.indexed
 
 
 # --------------------------------------------------------------------------- the schedule
@@ -133,7 +108,7 @@ class _Item:
     method: str
     family: str
     final: float
-    size: int | None = None  # structured: original units; unstructured: None
+    size: int | None = None  # structured: original parts (channels, heads, neurons); else None
     removed: int = 0
 
 
@@ -151,8 +126,8 @@ class Schedule:
             if method.family in ("structured", "unstructured"):
                 check_ratio(item.method, item.layer, item.sparsity, context)
             if method.family == "structured":
-                if isinstance(method, IndexedPruningMethod) and supports_iterative(item.method):
-                    entry.size = structured_size(model, method, item.layer)
+                if method.indexed:
+                    entry.size = method.unit_size(model, item.layer)
                 elif self.rounds > 1:
                     raise AutopruneError(f"schedule: structured method {item.method!r} is not supported by iterative "
                                          "schedules; use the one-shot schedule for it")
@@ -177,8 +152,8 @@ class Schedule:
                 ratio = agp_sparsity(item.final, step, self.rounds) if step < self.rounds else item.final
             else:
                 method = self._methods[item.method]
-                wanted = _count(method, item.size, agp_schedule(item.final, self.rounds)[step - 1],
-                                self.context.round_to)
+                wanted = method.removal_count(item.size, agp_schedule(item.final, self.rounds)[step - 1],
+                                              self.context)
                 left = item.size - item.removed
                 ratio = (wanted - item.removed) / left if wanted > item.removed else None
             if ratio is not None:
@@ -186,18 +161,18 @@ class Schedule:
         return targets
 
     def record(self, removed: Removed) -> None:
-        """Count what structured methods removed in a round (from ``prune_indices``)."""
+        """Count what structured methods removed in a round (from :func:`prune_step`)."""
         for item in self.items:
             if item.size is not None:
                 item.removed += len(removed.get(item.method, {}).get(item.layer, []))
 
     def check(self, model: nn.Module) -> None:
         """Raise unless every unit reached its planned sparsity (units inside removed blocks excepted)."""
-        removed_blocks = {n for n, m in model.named_modules() if isinstance(m, RemovedBlock)}
+        gone = set(removed_blocks(model))
         problems = []
         for item in self.items:
             if item.family == "removal":
-                if item.final >= 0.5 and item.layer not in removed_blocks:
+                if item.final >= 0.5 and item.layer not in gone:
                     problems.append(f"block {item.layer!r} was not removed")
                 continue
             if item.layer not in live_targets(model, {item.layer: item.final}):
@@ -209,7 +184,7 @@ class Schedule:
                 if zeros < wanted:
                     problems.append(f"{item.method} {item.layer!r}: {zeros} zero weights, planned {wanted}")
             elif item.size is not None:
-                wanted = _count(self._methods[item.method], item.size, item.final, self.context.round_to)
+                wanted = self._methods[item.method].removal_count(item.size, item.final, self.context)
                 if item.removed != wanted:
                     problems.append(f"{item.method} {item.layer!r}: removed {item.removed} of {item.size}, "
                                     f"planned {wanted}")
@@ -220,19 +195,15 @@ class Schedule:
 def prune_step(model: nn.Module, targets: Targets, context: PruneContext) -> Removed:
     """Prune ``model`` in place, family by family (removal, structured, unstructured).
 
-    Returns the indices structured methods removed, numbered as before this step.
+    Returns what each method reported removed (indices numbered as before this step).
     """
     methods = {name: get_method(name) for name in targets}
     removed: Removed = {}
     for family in FAMILY_ORDER:
         for name, unit_targets in targets.items():
             method = methods[name]
-            if method.family != family:
-                continue
-            if isinstance(method, IndexedPruningMethod):
-                removed[name] = method.prune_indices(model, unit_targets, context)
-            else:
-                method.prune(model, unit_targets, context)
+            if method.family == family:
+                removed[name] = dict(method.prune(model, unit_targets, context) or {})
     return removed
 
 
@@ -282,7 +253,7 @@ def finetune(
     masks: Mapping[str, torch.Tensor] | None,
 ) -> None:
     """Fine-tune with unstructured ``masks`` held; ``steps=None`` means ``settings.epochs`` epochs (one-shot)."""
-    after_step = (lambda m: unstructured_methods.apply_masks(m, masks)) if masks else None
+    after_step = (lambda m: apply_masks(m, masks)) if masks else None
     if steps is None:
         train(model, loader, settings, after_step=after_step)
     elif steps > 0:
@@ -301,66 +272,13 @@ def round_steps(loader: Batches, settings: TrainSettings, rounds: int) -> list[i
 # --------------------------------------------------------------------------- rewinding
 
 
-class _ForcedIndices:
-    """Mix-in for the attention methods: score the recorded indices lowest, so the method's own
-    surgery removes exactly them."""
-
-    def __init__(self, removed: Mapping[str, list[int]]) -> None:
-        self._removed = removed
-
-    def _forced(self, name: str, size: int) -> torch.Tensor:
-        scores = torch.ones(size)
-        scores[list(self._removed.get(name, []))] = 0.0
-        return scores
-
-
-class _ForcedHeads(_ForcedIndices, AttentionHeads):
-    def head_scores(self, block):  # type: ignore[override]
-        return self._forced(block.name, block.num_heads)
-
-
-class _ForcedNeurons(_ForcedIndices, MLPNeurons):
-    def neuron_scores(self, unit):  # type: ignore[override]
-        return self._forced(unit.name, unit.up.out_features)
-
-
-def _replay_channels(model: nn.Module, removed: Mapping[str, list[int]], context: PruneContext) -> None:
-    """Remove the recorded output channels of each group root (and everything coupled to them)."""
-    if not any(removed.values()):
-        return
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        dg = tp.DependencyGraph().build_dependency(model, context.example_inputs, forward_fn=lambda m, x: m(x))
-        for unit, idxs in removed.items():
-            if idxs:
-                root = model.get_submodule(unit)
-                fn = dg.get_pruner_of_module(root).prune_out_channels
-                dg.get_pruning_group(root, fn, idxs=list(idxs)).prune()
-    finally:
-        for module, mode in modes:
-            module.training = mode
-
-
 def replay(early: nn.Module, targets: Targets, removed: Removed, context: PruneContext) -> None:
     """Apply to ``early`` the structural changes a :func:`prune_step` made (same blocks, same indices)."""
     methods = {name: get_method(name) for name in targets}
     for family in ("removal", "structured"):
-        for name, unit_targets in targets.items():
-            method = methods[name]
-            if method.family != family:
-                continue
-            if family == "removal":
-                method.prune(early, unit_targets, context)
-            elif isinstance(method, StructuredMethod):
-                _replay_channels(early, removed.get(name, {}), context)
-            elif isinstance(method, AttentionHeads | MLPNeurons):
-                forced = (_ForcedHeads if isinstance(method, AttentionHeads) else _ForcedNeurons)(removed.get(name, {}))
-                again = forced.prune_indices(early, unit_targets, context)
-                if {u: sorted(i) for u, i in again.items()} != {u: sorted(i) for u, i in removed.get(name, {}).items()}:
-                    raise AutopruneError(f"rewinding: {name} removed {again} from the early model, not {removed[name]}")
-            else:
-                raise AutopruneError(f"rewinding is not supported with structured method {name!r}: it does not "
-                                     "report which indices it removed; set space.rewind: never")
+        for name in targets:
+            if methods[name].family == family:
+                methods[name].replay(early, removed.get(name, {}), context)
 
 
 def rewind(
@@ -386,7 +304,7 @@ def rewind(
                              f"(mismatch in {', '.join(diff[:6])})")
     model.load_state_dict(early.state_dict())
     if masks:
-        unstructured_methods.apply_masks(model, masks)
+        apply_masks(model, masks)
 
 
 def early_model(dense: nn.Module, state: Mapping[str, torch.Tensor] | None) -> nn.Module:

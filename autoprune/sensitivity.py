@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ from .errors import AutopruneError, ConfigError
 from .methods import PruneContext, get_method
 from .plan import LayerPlan, Plan
 from .space import SearchSpace
+
+if TYPE_CHECKING:
+    from .workspace import Workspace
 
 SENSITIVITY_FILE = "sensitivity.json"
 FORMAT_VERSION = 1
@@ -336,13 +339,12 @@ def figure(result: SensitivityResult) -> Any:
     return fig
 
 
-def _log_mlflow(config: SearchConfig, result: SensitivityResult, dense: nn.Module, inputs: Any) -> str:
+def _log_mlflow(workspace: Workspace, result: SensitivityResult, dense: nn.Module) -> str:
     """Artifacts ``sensitivity/sensitivity.{json,png}`` on the study's parent run (created if new)."""
-    from .tracking import Tracker
     from .trial import measure_dense
 
-    tracker = Tracker(config.tracking_uri, config.experiment_name,
-                      artifact_location=None if config.tracking.uri else (config.work_path / "artifacts").as_uri())
+    config, inputs = workspace.config, workspace.inputs
+    tracker = workspace.tracker()
     parent = tracker.parent_run(config.study.name)
     created = parent is None
     if parent is None:
@@ -360,7 +362,8 @@ def _log_mlflow(config: SearchConfig, result: SensitivityResult, dense: nn.Modul
 
 def _study_exists(config: SearchConfig) -> bool:
     from .errors import StorageError
-    from .study import ensure_absent, open_storage
+    from .storage import open_storage
+    from .study import ensure_absent
 
     try:
         ensure_absent(open_storage(config.storage_url), config.study.name)
@@ -369,12 +372,16 @@ def _study_exists(config: SearchConfig) -> bool:
     return False
 
 
-def run_sensitivity(config: SearchConfig, ratios: Sequence[float] = DEFAULT_RATIOS,
+def run_sensitivity(source: SearchConfig | Workspace, ratios: Sequence[float] = DEFAULT_RATIOS,
                     methods: Sequence[str] | None = None, max_drop: float = DEFAULT_MAX_DROP, *,
                     log_mlflow: bool = True, on_progress: ProgressFn | None = None) -> SensitivityResult:
-    """Measure the curves of ``config``'s search space, write ``sensitivity.json``, log to MLflow."""
-    from .search import build_inputs, ensure_dense
+    """Measure the curves of a config's (or workspace's) search space, write ``sensitivity.json``, log to
+    MLflow."""
     from .trial import make_context
+    from .workspace import Workspace
+
+    workspace = source if isinstance(source, Workspace) else Workspace(source)
+    config = workspace.config
 
     cap = config.space.max_layer_sparsity
     if any(r > cap for r in ratios):
@@ -387,7 +394,7 @@ def run_sensitivity(config: SearchConfig, ratios: Sequence[float] = DEFAULT_RATI
         raise ConfigError(f"option '--method': {', '.join(unknown)} not among space.methods "
                           f"({', '.join(config.space.methods)})")
     started = time.perf_counter()
-    inputs = build_inputs(config)
+    inputs = workspace.inputs
     if log_mlflow:  # before anything is written: an unreachable store fails in seconds, creating nothing
         from .retry import check_reachable
 
@@ -395,7 +402,7 @@ def run_sensitivity(config: SearchConfig, ratios: Sequence[float] = DEFAULT_RATI
     config.work_path.mkdir(parents=True, exist_ok=True)
     if on_progress:
         on_progress(SensitivityProgress(0, 1, "dense model (pre-training once per study if configured)"))
-    dense = ensure_dense(config, inputs)
+    dense = workspace.dense()
     torch.manual_seed(config.study.seed)
     example = next(iter(inputs.val_loader))[0][:1]
     context = make_context(inputs.train_loader, inputs.settings, example)
@@ -411,6 +418,6 @@ def run_sensitivity(config: SearchConfig, ratios: Sequence[float] = DEFAULT_RATI
     result.path = config.work_path / SENSITIVITY_FILE
     result.path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     if log_mlflow:
-        result.parent_run_id = _log_mlflow(config, result, dense, inputs)
+        result.parent_run_id = _log_mlflow(workspace, result, dense)
     result.study_exists = _study_exists(config)
     return result

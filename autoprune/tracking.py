@@ -10,6 +10,7 @@ reuses the parent run and never logs a finished trial twice.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -22,8 +23,12 @@ from mlflow.entities import Metric, Param
 
 from .crashpoints import crash_point
 from .errors import StorageError
-from .plan import Plan, TrialResult
+from .plan import Plan, TrialFailure, TrialResult
 from .retry import call_with_retries, check_reachable, first_line, mask_urls, safe_url, store_lock
+
+# MLflow announces each table it creates in a new store at INFO level: noise next to a search's own output.
+for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 STUDY_TAG = "autoprune.study"
 ROLE_TAG = "autoprune.role"
@@ -33,6 +38,8 @@ RANK_TAG = "pareto_rank"
 MODEL_TAG = "autoprune.model_id"
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"
+FAILURE_KIND_TAG = "autoprune.failure_kind"
+TRACEBACK_FILE = "traceback.txt"  # a failed trial run's artifact: the full traceback
 MAX_PARAM_LENGTH = 6000
 MAX_NOTE_LENGTH = 8000  # MLflow's limit on a tag value
 
@@ -152,14 +159,19 @@ class Tracker:
         return number in self._trial_runs
 
     def log_trial(self, parent_id: str, study_name: str, number: int, plan: Plan,
-                  result: TrialResult | None, reason: str | None, extra_tags: Mapping[str, str] = ()) -> str:
-        """A finished child run for trial ``number`` (skipped if one exists already)."""
+                  result: TrialResult | None, failure: TrialFailure | str | None,
+                  extra_tags: Mapping[str, str] = ()) -> str:
+        """A finished child run for trial ``number`` (skipped if one exists already); a failed one is tagged
+        with its ``fail_reason`` and ``autoprune.failure_kind`` and carries its traceback as ``traceback.txt``."""
         if number in self._trial_runs:
             return self._trial_runs[number]
         tags = {PARENT_TAG: parent_id, STUDY_TAG: study_name, TRIAL_TAG: str(number), ROLE_TAG: "trial",
                 "state": "COMPLETE" if result else "FAIL", **dict(extra_tags)}
+        reason = failure.reason if isinstance(failure, TrialFailure) else failure
         if reason:
             tags["fail_reason"] = reason[:5000]
+        if isinstance(failure, TrialFailure):
+            tags[FAILURE_KIND_TAG] = failure.kind
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{number:04d}", tags=tags)
         run_id = run.info.run_id
         crash_point("mlflow.child_created")
@@ -170,6 +182,8 @@ class Tracker:
             metrics = [Metric(k, v, _now(), 0) for k, v in result.as_metrics().items()]
             self.client.log_batch(run_id, metrics=metrics)
         self.client.log_table(run_id, _plan_table(plan), "plan.json")
+        if isinstance(failure, TrialFailure) and failure.traceback:
+            self.client.log_text(run_id, failure.traceback, TRACEBACK_FILE)
         crash_point("mlflow.child_logged")
         self.client.set_terminated(run_id, status="FINISHED" if result else "FAILED")
         self._trial_runs[number] = run_id

@@ -114,7 +114,7 @@ def direct_seconds(config, n: int) -> list[float]:
     import torch
 
     from autoprune.execution import TrialPayload, execute
-    from autoprune.search import build_inputs, ensure_dense
+    from autoprune.inputs import build_inputs, ensure_dense
     from autoprune.trial import DenseBaseline
 
     inputs = build_inputs(config)

@@ -256,7 +256,7 @@ work, go = Path(sys.argv[1]), Path(sys.argv[2])
 import mlflow  # noqa: F401  (imported before the start line: both processes then race for real)
 from autoprune import db
 from autoprune.retry import store_lock
-from autoprune.study import open_storage
+from autoprune.storage import open_storage
 from autoprune.tracking import Tracker
 Path(sys.argv[3]).touch()  # ready
 while not go.exists():
@@ -293,7 +293,7 @@ def test_two_searches_creating_the_stores_at_once(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- secrets
 def test_query_string_passwords_are_masked() -> None:
     from autoprune.retry import mask_urls, safe_url
-    from autoprune.study import safe_snapshot
+    from autoprune.storage import safe_snapshot
 
     url = "postgresql+psycopg://bob@db:5432/optuna?password=hunter2&sslmode=require"
     assert safe_url(url) == "postgresql+psycopg://bob@db:5432/optuna?password=***&sslmode=require"
@@ -344,7 +344,7 @@ def searched(tmp_path_factory: pytest.TempPathFactory):
 
 
 def trial_files(config, number: int = 0) -> Path:
-    from autoprune.search import trial_dir
+    from autoprune.inputs import trial_dir
 
     return trial_dir(config, number)
 

@@ -73,14 +73,15 @@ def test_pareto_chart_and_front_filter_in_the_mlflow_ui(tiny_project: Path, tmp_
     from optuna.trial import create_trial
 
     from autoprune.config import load_config
-    from autoprune.report import regenerate, tracker_for
+    from autoprune.report import regenerate
     from autoprune.search import run_search
     from autoprune.study import BASELINE_ATTR
+    from autoprune.workspace import Workspace
 
     started = time.monotonic()
     overrides = ["execution.backend=in_process", "study.baselines=[0.5]", "study.n_trials=5"]
     config = load_config(tiny_project, overrides)
-    tracker_for(config)  # create the MLflow store first, so the server can start while the study runs
+    Workspace(config).tracker()  # create the MLflow store first, so the server can start while the study runs
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     sets = [arg for item in overrides for arg in ("--set", item)]
@@ -97,7 +98,7 @@ def test_pareto_chart_and_front_filter_in_the_mlflow_ui(tiny_project: Path, tmp_
         worst = {k: v for k, v in study.trials[0].user_attrs.items() if k != BASELINE_ATTR}
         worst.update(accuracy=0.0, size_bytes=10**9, latency_ms=10**3)
         study.add_trial(create_trial(values=[0.0, 1e9, 1e3], user_attrs=worst))
-        summary = regenerate(config)
+        summary = regenerate(Workspace(config))
         front = {row["trial"] for row in summary.front}
         assert summary.front and 5 not in front
         client = MlflowClient(config.tracking_uri)

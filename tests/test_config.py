@@ -76,7 +76,7 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 def test_missing_section(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("study: {name: x}\n")
-    with pytest.raises(ConfigError, match="field 'model': required but missing"):
+    with pytest.raises(ConfigError, match=r"field 'model\.factory': required but missing"):
         load_config(path)
 
 

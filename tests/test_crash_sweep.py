@@ -105,7 +105,7 @@ def empty_stores(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Empty MLflow, Optuna and registry databases, made once and copied into each case's work dir
     (creating MLflow's tables takes 1-2 s)."""
     from autoprune import db
-    from autoprune.study import open_storage
+    from autoprune.storage import open_storage
     from autoprune.tracking import Tracker
 
     directory = tmp_path_factory.mktemp("stores")

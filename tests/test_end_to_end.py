@@ -114,7 +114,7 @@ def test_run_front_resume_export(tiny_project: Path, tmp_path: Path) -> None:
         (["model.factory=nomodule:make"], "cannot import module 'nomodule'"),
         (["model.factory=tinymod:not_a_model"], "expected the factory to return a torch.nn.Module, got int"),
         (["space.include=[conv9*]"], "pattern 'conv9*' matches no prunable unit"),
-        (["study.storage=postgresql+psycopg://u:secret@127.0.0.1:1/nodb"], "cannot open"),
+        (["study.storage=postgresql+psycopg://u:secret@127.0.0.1:1/nodb"], "field 'study.storage': cannot connect"),
     ],
 )
 def test_bad_input_exits_2_with_one_message(tiny_project: Path, tmp_path: Path, overrides: list[str],

@@ -36,17 +36,9 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from autoprune.config import load_config
+from autoprune.drivers import driver_gone, driver_records
 from autoprune.search import run_search
-from autoprune.study import (
-    DRIVER_ATTR,
-    REASON_ATTR,
-    RETRY_OF_ATTR,
-    STALE_ATTR,
-    WORKER_ATTR,
-    counted_trials,
-    driver_gone,
-    driver_records,
-)
+from autoprune.study import DRIVER_ATTR, REASON_ATTR, RETRY_OF_ATTR, STALE_ATTR, WORKER_ATTR, counted_trials
 
 FAST = ["study.sampler=random", "model.pretrain.epochs=2", "finetune.epochs=1", "latency.rounds=1",
         "data.factory=faultmod:make_loaders"]

@@ -58,7 +58,7 @@ def test_heads_pruned_transformer_fine_tunes_and_keeps_the_encoder_fast_path_off
     entry = ZOO["transformer"]
     model = entry.build(seed=2)
     context = _context(entry)
-    removed = get_method("attention_heads").prune_indices(
+    removed = get_method("attention_heads").prune(
         model, {"encoder.layers.0.self_attn": 0.5, "encoder.layers.1.self_attn": 0.25}, context
     )
     assert [len(v) for v in removed.values()] == [2, 1]
@@ -97,7 +97,7 @@ def test_weakest_head_goes_first() -> None:
             lin.weight[8:12] *= 1e-3
             lin.bias[8:12] *= 1e-3
         attn.o_proj.weight[:, 8:12] *= 1e-3
-    removed = get_method("attention_heads").prune_indices(
+    removed = get_method("attention_heads").prune(
         model, {"layers.1.self_attn": 0.25}, _context(entry)
     )
     assert removed == {"layers.1.self_attn": [2]}
@@ -149,7 +149,7 @@ def test_bert_layout_with_sibling_output_projection() -> None:
     method = get_method("attention_heads")
     assert method.candidates(model, context) == ["0.self"]
     dense = copy.deepcopy(model)
-    removed = method.prune_indices(model, {"0.self": 0.5}, context)["0.self"]
+    removed = method.prune(model, {"0.self": 0.5}, context)["0.self"]
     attn = model[0].self
     assert (
         attn.num_attention_heads == 2 and attn.all_head_size == 8 and model[0].output.dense.in_features == 8
@@ -209,7 +209,7 @@ def test_gated_mlp_neurons_match_the_masked_dense_model() -> None:
     context = _context(example=x)
     assert get_method("mlp_neurons").candidates(model, context) == ["0.up_proj"]
     dense = copy.deepcopy(model)
-    removed = get_method("mlp_neurons").prune_indices(model, {"0.up_proj": 0.5}, context)["0.up_proj"]
+    removed = get_method("mlp_neurons").prune(model, {"0.up_proj": 0.5}, context)["0.up_proj"]
     assert len(removed) == 12 and model[0].gate_proj.out_features == 12 == model[0].down_proj.in_features
     with torch.no_grad():
         dense[0].down_proj.weight[:, removed] = 0

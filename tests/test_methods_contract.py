@@ -1,8 +1,11 @@
 """The contract every registered pruning method fulfils, on every zoo architecture.
 
-Parametrized over ``known_methods()``: a newly registered method is tested here
-with no other change (a structured method with a new kind of surgery needs a
-masking rule in :func:`_mask_dense`).
+:data:`CANDIDATES` records how many units each registered method finds on each
+zoo model; a method that gains or loses candidates fails here instead of being
+skipped. Pairs recorded as 0 (not applicable: no BatchNorm, no attention, no
+residual block) are left out of the contract cases and checked to stay at 0. A
+newly registered method needs its row in the table (and, for a structured method
+with a new kind of surgery, a masking rule in :func:`_mask_dense`).
 """
 
 from __future__ import annotations
@@ -20,14 +23,33 @@ from zoo import ZOO, ZooEntry
 
 from autoprune.errors import AutopruneError, ConfigError
 from autoprune.methods import PruneContext, get_method, known_methods
-from autoprune.methods._common import IndexedPruningMethod
 from autoprune.methods.attention import AttentionHeads, MLPNeurons, scan_attention, scan_mlps
 from autoprune.methods.removal import RemovedBlock
 from autoprune.methods.structured import StructuredMethod
 
 torch.set_num_threads(1)
 
-CASES = [(method, arch) for method in known_methods() for arch in ZOO]
+#: Candidates of each method on each zoo model (its head protected); 0: not applicable.
+_ARCHS = ("resnet", "densenet", "mobilenet", "transformer", "mlp", "hf")
+_TABLE: dict[str, tuple[int, ...]] = {
+    #                       resnet densenet mobilenet transformer mlp  hf
+    "l1_unstructured":     (8,     4,       7,        7,          2,   12),
+    "l2_unstructured":     (8,     4,       7,        7,          2,   12),
+    "taylor_unstructured": (8,     4,       7,        7,          2,   12),
+    "random_unstructured": (8,     4,       7,        7,          2,   12),
+    "l1_structured":       (5,     4,       4,        2,          2,   2),
+    "l2_structured":       (5,     4,       4,        2,          2,   2),
+    "taylor_structured":   (5,     4,       4,        2,          2,   2),
+    "bn_scale_structured": (5,     4,       4,        0,          2,   0),
+    "random_structured":   (5,     4,       4,        2,          2,   2),
+    "attention_heads":     (0,     0,       0,        2,          0,   2),
+    "mlp_neurons":         (0,     0,       0,        2,          0,   2),
+    "remove_block":        (2,     0,       1,        2,          0,   2),
+}  # fmt: skip
+CANDIDATES = {(method, arch): n for method, row in _TABLE.items() for arch, n in zip(_ARCHS, row, strict=True)}
+
+CASES = [pair for pair, count in CANDIDATES.items() if count > 0]
+NOT_APPLICABLE = [pair for pair, count in CANDIDATES.items() if count == 0]
 
 
 def _context(entry: ZooEntry) -> PruneContext:
@@ -61,10 +83,12 @@ def _prune(
     method, model: nn.Module, targets: dict[str, float], context: PruneContext
 ) -> dict[str, list[int]]:
     torch.manual_seed(0)
-    if isinstance(method, IndexedPruningMethod):
-        return method.prune_indices(model, targets, context)
-    method.prune(model, targets, context)
-    return {}
+    removed = method.prune(model, targets, context)
+    if method.family == "unstructured":
+        assert removed == {}
+    else:
+        assert set(removed) == set(targets)
+    return removed
 
 
 def _check_reached(method, dense, model, targets, removed) -> None:
@@ -78,6 +102,7 @@ def _check_reached(method, dense, model, targets, removed) -> None:
             assert int((after.weight == 0).sum()) == round(ratio * before.weight.numel()), unit
         elif method.family == "removal":
             assert isinstance(model.get_submodule(unit), RemovedBlock) == (ratio >= 0.5), unit
+            assert removed[unit] == ([0] if ratio >= 0.5 else []), unit
         elif isinstance(method, StructuredMethod):
             channels = before.weight.shape[1 if getattr(before, "transposed", False) else 0]
             after = model.get_submodule(unit)
@@ -95,6 +120,12 @@ def _check_reached(method, dense, model, targets, removed) -> None:
             assert unit_after.down.in_features == unit_after.up.out_features
         else:
             assert removed.get(unit), f"{method.name} removed nothing from {unit}"
+        if method.indexed:  # the contract's own count agrees with the surgery
+            size = method.unit_size(dense, unit)
+            assert size - method.unit_size(model, unit) == len(removed[unit]), unit
+            assert method.removal_count(size, ratio, PruneContext(example_inputs=torch.zeros(1))) == len(
+                removed[unit]
+            ), unit
 
 
 def _mask_dense(method, dense: nn.Module, removed: dict[str, list[int]], example: torch.Tensor) -> nn.Module:
@@ -169,14 +200,25 @@ def _check_export(model: nn.Module, inputs: torch.Tensor) -> None:
         torch.testing.assert_close(loaded.module()(inputs), model(inputs), atol=1e-5, rtol=1e-4)
 
 
+def test_candidate_table_covers_every_method_and_zoo_model() -> None:
+    assert set(CANDIDATES) == {(method, arch) for method in known_methods() for arch in ZOO}, (
+        "record the candidate count of every (method, zoo model) pair in CANDIDATES"
+    )
+
+
+@pytest.mark.parametrize(("method_name", "arch"), NOT_APPLICABLE)
+def test_not_applicable_pairs_have_no_candidates(method_name: str, arch: str) -> None:
+    entry = ZOO[arch]
+    assert get_method(method_name).candidates(entry.build(seed=0).eval(), _context(entry)) == []
+
+
 @pytest.mark.parametrize(("method_name", "arch"), CASES)
 def test_contract_at_half(method_name: str, arch: str) -> None:
     entry, method = ZOO[arch], get_method(method_name)
     dense = entry.build(seed=0).eval()
     context = _context(entry)
     units = method.candidates(dense, context)
-    if not units:
-        pytest.skip(f"{method_name} has no candidates in {arch}")
+    assert len(units) == CANDIDATES[method_name, arch], units
     assert len(set(units)) == len(units) and entry.head not in units
     assert method.candidates(dense, context) == units, "candidates must be stable"
     x = entry.example(3, seed=5)
@@ -208,6 +250,12 @@ def test_contract_at_half(method_name: str, arch: str) -> None:
         masked = _mask_dense(method, dense, removed, context.example_inputs).eval()
         with torch.no_grad():
             torch.testing.assert_close(pruned_out, masked(x), atol=1e-4, rtol=1e-4)
+    if method.family != "unstructured":  # replaying the report repeats the surgery exactly
+        again = copy.deepcopy(dense)
+        method.replay(again, removed, context)
+        mine, theirs = model.state_dict(), again.state_dict()
+        assert mine.keys() == theirs.keys()
+        assert [k for k in mine if not torch.equal(mine[k], theirs[k])] == []
 
     _check_export(copy.deepcopy(model), x)
     _train_step(model, entry)
@@ -220,8 +268,7 @@ def test_contract_random_ratios(method_name: str, arch: str) -> None:
     dense = entry.build(seed=1).eval()
     context = _context(entry)
     units = method.candidates(dense, context)
-    if not units:
-        pytest.skip(f"{method_name} has no candidates in {arch}")
+    assert len(units) == CANDIDATES[method_name, arch], units
     rng = random.Random(f"{method_name}/{arch}")
     chosen = rng.sample(units, k=max(1, len(units) // 2))
     if method.family == "removal":
@@ -235,14 +282,14 @@ def test_contract_random_ratios(method_name: str, arch: str) -> None:
 
 
 def _first_case(method_name: str) -> tuple[ZooEntry, nn.Module, PruneContext, list[str]]:
-    method = get_method(method_name)
-    for entry in ZOO.values():
-        model = entry.build(seed=0)
-        context = _context(entry)
-        units = method.candidates(model, context)
-        if units:
-            return entry, model, context, units
-    pytest.skip(f"{method_name} has no candidates in the zoo")
+    """The first zoo model (in table order) where the method has candidates."""
+    arch = next(arch for (method, arch), count in CANDIDATES.items() if method == method_name and count)
+    entry = ZOO[arch]
+    model = entry.build(seed=0)
+    context = _context(entry)
+    units = get_method(method_name).candidates(model, context)
+    assert len(units) == CANDIDATES[method_name, arch], units
+    return entry, model, context, units
 
 
 @pytest.mark.parametrize("method_name", known_methods())

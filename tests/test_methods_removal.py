@@ -94,7 +94,7 @@ def test_units_inside_a_removed_block_are_skipped_by_later_families() -> None:
     model = entry.build(seed=3)
     context = _context(entry)
     get_method("remove_block").prune(model, {"layer1.0": 1.0}, context)
-    removed = get_method("l1_structured").prune_indices(
+    removed = get_method("l1_structured").prune(
         model, {"layer1.0.conv1": 0.5, "layer2.0.conv1": 0.5}, context
     )
     assert removed["layer1.0.conv1"] == [] and len(removed["layer2.0.conv1"]) == 8
@@ -104,7 +104,7 @@ def test_units_inside_a_removed_block_are_skipped_by_later_families() -> None:
     hf = ZOO["hf"]
     model = hf.build()
     get_method("remove_block").prune(model, {"layers.0": 1.0}, _context(hf))
-    heads = get_method("attention_heads").prune_indices(
+    heads = get_method("attention_heads").prune(
         model, {"layers.0.self_attn": 0.5, "layers.1.self_attn": 0.5}, _context(hf)
     )
     assert heads["layers.0.self_attn"] == [] and len(heads["layers.1.self_attn"]) == 2

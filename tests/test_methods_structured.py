@@ -62,7 +62,7 @@ def test_bn_scale_needs_batchnorm_and_removes_the_smallest_gammas() -> None:
     with torch.no_grad():
         model.body[1].weight.uniform_(0.5, 1.0)
         model.body[1].weight[[3, 17, 30]] = 0.01
-    removed = get_method("bn_scale_structured").prune_indices(model, {"body.0": 3 / 32}, _context(entry))
+    removed = get_method("bn_scale_structured").prune(model, {"body.0": 3 / 32}, _context(entry))
     assert removed == {"body.0": [3, 17, 30]}
     assert (
         model.body[0].out_features == 29
@@ -79,7 +79,7 @@ def test_l1_removes_the_weakest_channels() -> None:
         block.conv1.weight[[2, 9]] *= 1e-3
         block.bn1.weight[[2, 9]] *= 1e-3
         block.conv2.weight[:, [2, 9]] *= 1e-3
-    removed = get_method("l1_structured").prune_indices(model, {"layer2.0.conv1": 2 / 16}, _context(entry))
+    removed = get_method("l1_structured").prune(model, {"layer2.0.conv1": 2 / 16}, _context(entry))
     assert removed == {"layer2.0.conv1": [2, 9]}
 
 
@@ -90,7 +90,7 @@ def test_random_structured_is_reproducible_under_manual_seed() -> None:
         model = entry.build()
         torch.manual_seed(seed)
         picks.append(
-            get_method("random_structured").prune_indices(model, {"features.0.conv.0": 0.5}, _context(entry))
+            get_method("random_structured").prune(model, {"features.0.conv.0": 0.5}, _context(entry))
         )
     assert picks[0] == picks[1] != picks[2]
 
@@ -137,7 +137,7 @@ def test_masked_equivalence_check_is_sensitive() -> None:
     entry = ZOO["mlp"]
     dense = entry.build(seed=4).eval()
     model = copy.deepcopy(dense)
-    removed = get_method("l1_structured").prune_indices(model, {"body.0": 0.25}, _context(entry))["body.0"]
+    removed = get_method("l1_structured").prune(model, {"body.0": 0.25}, _context(entry))["body.0"]
     x = entry.example(4, seed=9)
     outputs = {}
     for label, idxs in (

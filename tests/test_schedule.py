@@ -13,11 +13,12 @@ from zoo import ZOO
 from autoprune import schedule
 from autoprune.config import load_config
 from autoprune.errors import AutopruneError, ConfigError
+from autoprune.inputs import build_inputs, ensure_dense, rewind_file, trial_dir
 from autoprune.methods import PruneContext
 from autoprune.model_files import load_model, load_weights
 from autoprune.plan import LayerPlan, Plan
 from autoprune.quantize import quantized_linears
-from autoprune.search import build_inputs, ensure_dense, rewind_file, run_search, trial_dir
+from autoprune.search import run_search
 from autoprune.space import SearchSpace
 from autoprune.training import TrainSettings, train
 from autoprune.trial import TrialSettings, measure_dense, prune_and_finetune, run_trial

@@ -82,7 +82,6 @@ needs_minilm = pytest.mark.skipif(
     reason="the MiniLM search needs the transformers extra: pip install 'autoprune[transformers]'",
 )
 MINILM_CONFIG = SPACES / "minilm_sentences.yaml"
-MINILM_PENDING = SPACES / "minilm_sentences.yaml.pending"  # until autoprune has model.loss/metric/pretrained
 
 
 @pytest.fixture(scope="module")
@@ -199,24 +198,15 @@ def test_minilm_prune_heads_neurons_layers_then_distill(minilm: ModuleType, enco
     assert minilm.agreement(encoder, val_loader) == pytest.approx(1.0, abs=1e-6)
 
 
-def _has_task_hook() -> bool:
-    from autoprune.config import ModelConfig
-
-    return {"loss", "metric", "pretrained"} <= set(ModelConfig.model_fields)
-
-
 @pytest.mark.slow
 @needs_minilm
-@pytest.mark.skipif(not _has_task_hook(), reason="the MiniLM search needs autoprune's model.loss / model.metric / "
-                    "model.pretrained config fields (proposed, not in autoprune yet)")
 def test_minilm_search_one_trial_in_process(tmp_path: Path) -> None:
     import optuna
 
     from autoprune.config import load_config
     from autoprune.search import run_search
 
-    path = MINILM_CONFIG if MINILM_CONFIG.is_file() else MINILM_PENDING
-    config = load_config(path, [
+    config = load_config(MINILM_CONFIG, [
         "execution.backend=in_process", "study.n_trials=1", f"work_dir={tmp_path / 'work'}",
         "finetune.max_batches=4", "latency.rounds=2", "latency.min_run_time=0.01",
     ])

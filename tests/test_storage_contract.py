@@ -17,25 +17,22 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from autoprune.config import load_config
+from autoprune.drivers import Driver, machine_id
 from autoprune.errors import StorageError
 from autoprune.retry import is_transient
 from autoprune.search import run_search
+from autoprune.storage import ensure_distinct_stores, open_storage, safe_snapshot
 from autoprune.study import (
     DRIVER_ATTR,
     DRIVER_PREFIX,
     RETRY_OF_ATTR,
     STALE_ATTR,
-    Driver,
     counted_trials,
     create_study,
     ensure_absent,
-    ensure_distinct_stores,
     load_study,
-    machine_id,
     make_sampler,
-    open_storage,
     pareto_trials,
-    safe_snapshot,
 )
 
 DISTS = {"x": FloatDistribution(0.0, 1.0)}

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
+from torch import nn
 
+from autoprune import model_files, quantize
 from autoprune.config import load_config
+from autoprune.inputs import trial_dir
 from autoprune.model_files import load_model
 from autoprune.plan import LayerPlan, Plan
-from autoprune.search import run_search, trial_dir
+from autoprune.search import run_search
 
 
 def test_unstructured_trial_reaches_sparsity_and_shrinks_file(tiny_setup) -> None:
@@ -51,9 +55,35 @@ def test_failing_trials_are_recorded_and_search_goes_on(tiny_project: Path) -> N
         assert "exceeds max_layer_sparsity=0.3" in trial.user_attrs["fail_reason"]
 
 
-def test_trial_model_files_reload(tiny_project: Path) -> None:
+def test_trial_model_files_reload(tiny_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files a search writes for a trial reload to the very model the trial measured: the same
+    outputs, the same zeros and the sparsity the trial reported."""
+    measured: list[nn.Module] = []
+    save = model_files.save_model
+
+    def keep_a_copy(model: nn.Module, directory):
+        measured.append(copy.deepcopy(model).eval())
+        return save(model, directory)
+
+    monkeypatch.setattr(model_files, "save_model", keep_a_copy)
     config = load_config(tiny_project, ["execution.backend=in_process", "study.n_trials=1",
-                                        "model.pretrain.epochs=1"])
+                                        "model.pretrain.epochs=1", "space.methods=[l1_unstructured]",
+                                        "space.sparsity={low: 0.5, high: 0.8}"])
     run_search(config)
-    model = load_model(trial_dir(config, 0))
-    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    (trial,) = optuna.load_study(study_name="tiny", storage=config.storage_url).trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and measured
+    model, pruned = load_model(trial_dir(config, trial.number)).eval(), measured[-1]  # (the dense one is first)
+
+    inputs = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs), pruned(inputs), rtol=0, atol=0)
+    loaded, expected = model.state_dict(), pruned.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert [k for k in expected if not torch.equal(loaded[k], expected[k])] == []
+
+    params, nonzero = quantize.parameter_counts(model)
+    assert (params, nonzero) == (trial.user_attrs["params"], trial.user_attrs["nonzero_params"])
+    assert trial.user_attrs["param_sparsity"] == pytest.approx(1 - nonzero / params)  # shapes kept: params = dense
+    for name in ("conv1", "conv2"):  # every unit at >= 0.5 sparsity (space.sparsity.low), zeros held
+        weight = model.get_submodule(name).weight
+        assert int((weight == 0).sum()) >= round(0.5 * weight.numel()), name

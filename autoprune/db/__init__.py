@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from ..errors import StorageError
 from ..retry import call_with_retries, safe_url
-from ..study import safe_snapshot
+from ..storage import safe_snapshot
 from .schema import VERSION_TABLE, Search
 
 if TYPE_CHECKING:

@@ -1,34 +1,18 @@
-"""Helpers shared by the pruning methods: target validation, module lookup,
-calibration gradients and the record of which channels a structured method removed."""
+"""Helpers shared by the pruning methods: error messages, module lookup and
+replacement, removed blocks, training-mode bookkeeping and calibration gradients."""
 
 from __future__ import annotations
 
-import abc
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import AutopruneError, ConfigError, UnsupportedLayerError
-from .base import PruneContext, PruningMethod
+from .base import PruneContext
 
 EXCLUDE_HINT = "add it to space.exclude in the config"
-
-
-def check_ratio(method: str, unit: str, ratio: float, context: PruneContext) -> None:
-    """Raise unless ``0 <= ratio < 1`` and ``ratio <= context.max_layer_sparsity``.
-
-    The cap is never applied silently: a request above it is an error naming the
-    unit, the ratio and the cap.
-    """
-    if not 0.0 <= ratio < 1.0:
-        raise AutopruneError(f"{method}: ratio {ratio} for {unit!r} is outside [0, 1)")
-    if ratio > context.max_layer_sparsity:
-        raise AutopruneError(
-            f"{method}: ratio {ratio} for {unit!r} exceeds max_layer_sparsity={context.max_layer_sparsity}; "
-            "lower the requested sparsity or raise the cap"
-        )
 
 
 def unknown_unit(
@@ -57,15 +41,29 @@ class RemovedBlock(nn.Identity):
         return input
 
 
+def removed_blocks(model: nn.Module) -> list[str]:
+    """Names of the blocks of ``model`` replaced by :class:`RemovedBlock`."""
+    return [name for name, module in model.named_modules() if isinstance(module, RemovedBlock)]
+
+
 def live_targets(model: nn.Module, targets: Mapping[str, float]) -> dict[str, float]:
     """``targets`` without units that lay inside a block already replaced by
     :class:`RemovedBlock` (removal runs first in a trial; those units are gone)."""
-    removed = [name for name, module in model.named_modules() if isinstance(module, RemovedBlock)]
+    removed = removed_blocks(model)
     return {
         unit: ratio
         for unit, ratio in targets.items()
         if not any(unit == block or unit.startswith(block + ".") for block in removed)
     }
+
+
+def check_indices(method: str, unit: str, indices: Sequence[int], size: int) -> list[int]:
+    """``indices`` sorted, after checking they are distinct parts of a unit with ``size`` parts
+    and leave at least one (for ``replay``)."""
+    drop = sorted({int(i) for i in indices})
+    if len(drop) != len(indices) or len(drop) >= size or not all(0 <= i < size for i in drop):
+        raise AutopruneError(f"{method}: cannot remove parts {list(indices)} of {unit!r}, which has {size}")
+    return drop
 
 
 def check_runs(method: str, model: nn.Module, context: PruneContext, units: list[str]) -> None:
@@ -125,39 +123,3 @@ def batch_gradients(
                 model.zero_grad(set_to_none=True)
             context.loss_fn(model(inputs), labels).backward()
             yield index
-
-
-class IndexedPruningMethod(PruningMethod):
-    """A structured method that can say which indices it removed.
-
-    :meth:`prune_indices` prunes like :meth:`prune` and returns, for every
-    requested unit, the removed indices numbered as before pruning: output
-    channels of the group's root layer, heads of an attention block or hidden
-    neurons of an MLP (empty for ratio 0 and for units inside a removed block).
-    """
-
-    @abc.abstractmethod
-    def prune_indices(
-        self, model: nn.Module, targets: Mapping[str, float], context: PruneContext
-    ) -> dict[str, list[int]]:
-        """Prune ``model`` in place and return the removed indices per unit."""
-
-    def prune(self, model: nn.Module, targets: Mapping[str, float], context: PruneContext) -> None:
-        self.prune_indices(model, targets, context)
-
-
-def count_to_remove(total: int, ratio: float, round_to: int | None = None) -> int:
-    """Whole units removed for ``ratio`` of ``total``: ``round(ratio * total)``.
-
-    With ``round_to`` the kept count is rounded to the nearest multiple of
-    ``round_to`` (ties towards removing more) and never below ``round_to``.
-    Callers check the result against ``total`` (at least one unit must stay).
-    """
-    remove = round(ratio * total)
-    if round_to and round_to > 1 and remove > 0:
-        keep = total - remove
-        lower = keep - keep % round_to
-        upper = lower + round_to
-        keep = lower if keep - lower <= upper - keep or upper > total else upper
-        remove = total - max(keep, min(round_to, total))
-    return remove

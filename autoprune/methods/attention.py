@@ -14,13 +14,14 @@ pruned model fails in backward), so heads are sliced here by hand:
   (child ``Linear`` layers ``q_proj/k_proj/v_proj`` or ``query/key/value``, an
   output projection ``o_proj/out_proj/dense`` or BERT's sibling ``output.dense``,
   and a ``num_heads``-like attribute) are sliced in place and their head-count
-  attributes updated. Heads are ranked by the L2 norm of their q/k/v rows and
-  output columns (weights and biases); the weakest go.
+  attributes updated. Heads are ranked by the method's importance (default:
+  the L2 norm of their q/k/v rows and output columns, weights and biases); the
+  weakest go.
 * ``mlp_neurons`` (unit: the first feed-forward layer's name, e.g.
   ``encoder.layers.0.linear1``; ratio: fraction of hidden neurons removed,
   rounded (``context.round_to`` applies), at least one kept). Removes rows of
   the up (and gate) projection and the matching columns of the down
-  projection, ranked by the same kind of L2 norm. Recognised pairs:
+  projection, ranked the same way (default: L2 norm). Recognised pairs:
   ``linear1/linear2`` (``nn.TransformerEncoderLayer``), ``fc1/fc2``,
   ``up_proj/down_proj`` (+ ``gate_proj``), ``c_fc/c_proj``, ``w1/w2`` (+ ``w3``)
   and BERT's ``intermediate.dense/output.dense``; the hidden activations between
@@ -30,24 +31,17 @@ pruned model fails in backward), so heads are sliced here by hand:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnsupportedLayerError
-from ._common import (
-    IndexedPruningMethod,
-    check_ratio,
-    check_runs,
-    count_to_remove,
-    live_targets,
-    set_submodule,
-    unknown_unit,
-)
-from .base import PruneContext
+from ..errors import AutopruneError, UnsupportedLayerError
+from ._common import check_indices, check_runs, live_targets, set_submodule, unknown_unit
+from .base import PruneContext, PruningMethod, Removed, check_ratio, count_to_remove
+from .importance import Importance, Unit, get_importance, prepare
 from .registry import register
 
 
@@ -298,13 +292,6 @@ def _keep_columns(linear: nn.Linear, keep: torch.Tensor) -> None:
     linear.in_features = int(keep.numel())
 
 
-def _row_energy(linear: nn.Linear) -> torch.Tensor:
-    energy = linear.weight.detach().float().pow(2).sum(dim=1)
-    if linear.bias is not None:
-        energy = energy + linear.bias.detach().float().pow(2)
-    return energy
-
-
 def _lowest(scores: torch.Tensor, count: int) -> list[int]:
     return sorted(torch.argsort(scores, stable=True)[:count].tolist())
 
@@ -320,11 +307,16 @@ def _mark_encoders(model: nn.Module) -> None:
 
 
 @register
-class AttentionHeads(IndexedPruningMethod):
-    """Remove whole attention heads (see the module docstring)."""
+class AttentionHeads(PruningMethod):
+    """Remove whole attention heads (see the module docstring); heads are ranked by
+    ``importance`` over their q/k/v rows and output-projection columns (default l2)."""
 
     name = "attention_heads"
     family = "structured"
+    indexed = True
+
+    def __init__(self, importance: str | Importance = "l2") -> None:
+        self.importance = get_importance(importance)
 
     def candidates(self, model: nn.Module, context: PruneContext) -> list[str]:
         blocks, _ = scan_attention(model)
@@ -332,9 +324,15 @@ class AttentionHeads(IndexedPruningMethod):
             name for name, block in blocks.items() if block.num_heads > 1 and not _touches(block, context)
         ]
 
-    def prune_indices(
-        self, model: nn.Module, targets: Mapping[str, float], context: PruneContext
-    ) -> dict[str, list[int]]:
+    def unit_size(self, model: nn.Module, unit: str) -> int | None:
+        blocks, _ = scan_attention(model)
+        return blocks[unit].num_heads if unit in blocks else None
+
+    def removal_count(self, size: int, ratio: float, context: PruneContext) -> int:
+        """Whole heads: ``round(ratio * size)``, at least one kept (``round_to`` does not apply)."""
+        return max(0, min(count_to_remove(size, ratio), size - 1))
+
+    def prune(self, model: nn.Module, targets: Mapping[str, float], context: PruneContext) -> Removed:
         requested, targets = list(targets), live_targets(model, targets)
         blocks, unsupported = scan_attention(model)
         allowed = self.candidates(model, context)
@@ -346,53 +344,69 @@ class AttentionHeads(IndexedPruningMethod):
                     reason = "it has a single head" if blocks[name].num_heads < 2 else "it is protected"
                 raise unknown_unit(self.name, model, name, allowed, reason)
             check_ratio(self.name, name, ratio, context)
-            heads = blocks[name].num_heads
-            plan[name] = min(count_to_remove(heads, ratio), heads - 1)
-        removed: dict[str, list[int]] = {}
-        for name, count in plan.items():
-            block = blocks[name]
-            if count == 0:
-                removed[name] = []
-                continue
-            if isinstance(block.module, nn.MultiheadAttention):
-                sliced = SlicedMultiheadAttention.from_torch(block.module)
-                set_submodule(model, name, sliced)
-                block = HeadBlock(
-                    name, sliced, sliced.q_proj, sliced.k_proj, sliced.v_proj, sliced.out_proj,
-                    sliced.num_heads, sliced.head_dim,
-                )  # fmt: skip
-            removed[name] = self._slice(block, count)
+            plan[name] = self.removal_count(blocks[name].num_heads, ratio, context)
+        chosen = {name: _sliceable(model, blocks[name]) for name, count in plan.items() if count > 0}
+        units = [Unit.blocks(name, b.num_heads, (b.q, b.k, b.v), (b.o,)) for name, b in chosen.items()]
+        prepare(self.name, self.importance, model, units, context)
+        removed: Removed = {name: [] for name in plan}
+        for unit in units:
+            removed[unit.name] = _lowest(self.importance.scores(unit, context), plan[unit.name])
+        for name, block in chosen.items():
+            _remove_heads(block, removed[name])
         _mark_encoders(model)
-        check_runs(self.name, model, context, [name for name, heads in removed.items() if heads])
+        check_runs(self.name, model, context, list(chosen))
         return {name: removed.get(name, []) for name in requested}
 
-    @staticmethod
-    def head_scores(block: HeadBlock) -> torch.Tensor:
-        """L2 norm per head of its q/k/v rows and output-projection columns."""
-        h, d = block.num_heads, block.head_dim
-        energy = sum(_row_energy(lin).view(h, d).sum(dim=1) for lin in (block.q, block.k, block.v))
-        energy = energy + block.o.weight.detach().float().pow(2).sum(dim=0).view(h, d).sum(dim=1)
-        return energy.sqrt()
+    def replay(self, model: nn.Module, removed: Mapping[str, Sequence[int]], context: PruneContext) -> None:
+        """Remove the given heads of each attention block."""
+        blocks, _ = scan_attention(model)
+        done = []
+        for name, heads in removed.items():
+            if not heads:
+                continue
+            if name not in blocks:
+                raise AutopruneError(f"{self.name}: the model has no attention block {name!r}")
+            drop = check_indices(self.name, name, heads, blocks[name].num_heads)
+            _remove_heads(_sliceable(model, blocks[name]), drop)
+            done.append(name)
+        _mark_encoders(model)
+        check_runs(self.name, model, context, done)
 
-    def _slice(self, block: HeadBlock, count: int) -> list[int]:
-        h, d = block.num_heads, block.head_dim
-        drop = _lowest(self.head_scores(block), count)
-        kept_heads = [i for i in range(h) if i not in drop]
-        keep = torch.tensor([i * d + j for i in kept_heads for j in range(d)], device=block.o.weight.device)
-        for lin in (block.q, block.k, block.v):
-            _keep_rows(lin, keep)
-        _keep_columns(block.o, keep)
-        new_heads = len(kept_heads)
-        module = block.module
-        for attr in _HEAD_ATTRS:
-            if isinstance(getattr(module, attr, None), int):
-                setattr(module, attr, new_heads)
-        for attr in ("all_head_size", "inner_dim"):
-            if isinstance(getattr(module, attr, None), int):
-                setattr(module, attr, new_heads * d)
-        if getattr(module, "num_key_value_heads", None) == h:
-            module.num_key_value_heads = new_heads
-        return drop
+    def __repr__(self) -> str:
+        return f"AttentionHeads({self.importance!r})"
+
+
+def _sliceable(model: nn.Module, block: HeadBlock) -> HeadBlock:
+    """``block`` with separate q/k/v projections: a stock ``nn.MultiheadAttention`` is
+    replaced in ``model`` by an exact :class:`SlicedMultiheadAttention` first."""
+    if not isinstance(block.module, nn.MultiheadAttention):
+        return block
+    sliced = SlicedMultiheadAttention.from_torch(block.module)
+    set_submodule(model, block.name, sliced)
+    return HeadBlock(
+        block.name, sliced, sliced.q_proj, sliced.k_proj, sliced.v_proj, sliced.out_proj,
+        sliced.num_heads, sliced.head_dim,
+    )  # fmt: skip
+
+
+def _remove_heads(block: HeadBlock, drop: list[int]) -> None:
+    """Slice heads ``drop`` out of ``block`` and update its head-count attributes."""
+    h, d = block.num_heads, block.head_dim
+    kept_heads = [i for i in range(h) if i not in drop]
+    keep = torch.tensor([i * d + j for i in kept_heads for j in range(d)], device=block.o.weight.device)
+    for lin in (block.q, block.k, block.v):
+        _keep_rows(lin, keep)
+    _keep_columns(block.o, keep)
+    new_heads = len(kept_heads)
+    module = block.module
+    for attr in _HEAD_ATTRS:
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, new_heads)
+    for attr in ("all_head_size", "inner_dim"):
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, new_heads * d)
+    if getattr(module, "num_key_value_heads", None) == h:
+        module.num_key_value_heads = new_heads
 
 
 def _touches(block: HeadBlock, context: PruneContext) -> bool:
@@ -428,11 +442,16 @@ def scan_mlps(model: nn.Module) -> dict[str, MLPUnit]:
 
 
 @register
-class MLPNeurons(IndexedPruningMethod):
-    """Remove hidden neurons of transformer feed-forward blocks (see the module docstring)."""
+class MLPNeurons(PruningMethod):
+    """Remove hidden neurons of transformer feed-forward blocks (see the module docstring);
+    neurons are ranked by ``importance`` over their up/gate rows and down column (default l2)."""
 
     name = "mlp_neurons"
     family = "structured"
+    indexed = True
+
+    def __init__(self, importance: str | Importance = "l2") -> None:
+        self.importance = get_importance(importance)
 
     def candidates(self, model: nn.Module, context: PruneContext) -> list[str]:
         names = {m: n for n, m in model.named_modules()}
@@ -444,11 +463,13 @@ class MLPNeurons(IndexedPruningMethod):
             and (unit.gate is None or names[unit.gate] not in context.protected)
         ]
 
-    def prune_indices(
-        self, model: nn.Module, targets: Mapping[str, float], context: PruneContext
-    ) -> dict[str, list[int]]:
+    def unit_size(self, model: nn.Module, unit: str) -> int | None:
+        mlps = scan_mlps(model)
+        return mlps[unit].up.out_features if unit in mlps else None
+
+    def prune(self, model: nn.Module, targets: Mapping[str, float], context: PruneContext) -> Removed:
         requested, targets = list(targets), live_targets(model, targets)
-        units = scan_mlps(model)
+        mlps = scan_mlps(model)
         allowed = self.candidates(model, context)
         plan: dict[str, int] = {}
         for name, ratio in targets.items():
@@ -457,28 +478,46 @@ class MLPNeurons(IndexedPruningMethod):
                     self.name, model, name, allowed, "it is not the first layer of a feed-forward pair"
                 )
             check_ratio(self.name, name, ratio, context)
-            hidden = units[name].up.out_features
-            plan[name] = min(count_to_remove(hidden, ratio, context.round_to), hidden - 1)
-        removed: dict[str, list[int]] = {}
-        for name, count in plan.items():
-            unit = units[name]
-            drop = _lowest(self.neuron_scores(unit), count)
-            if drop:
-                dropped = set(drop)
-                kept = [i for i in range(unit.up.out_features) if i not in dropped]
-                keep = torch.tensor(kept, device=unit.up.weight.device)
-                for lin in (unit.up, unit.gate):
-                    if lin is not None:
-                        _keep_rows(lin, keep)
-                _keep_columns(unit.down, keep)
-            removed[name] = drop
-        check_runs(self.name, model, context, [name for name, drop in removed.items() if drop])
+            plan[name] = self.removal_count(mlps[name].up.out_features, ratio, context)
+        units = [
+            Unit.blocks(name, mlps[name].up.out_features, (mlps[name].up, mlps[name].gate), (mlps[name].down,))
+            for name, count in plan.items()
+            if count > 0
+        ]
+        prepare(self.name, self.importance, model, units, context)
+        removed: Removed = {name: [] for name in plan}
+        for unit in units:
+            removed[unit.name] = _lowest(self.importance.scores(unit, context), plan[unit.name])
+        for unit in units:
+            _remove_neurons(mlps[unit.name], removed[unit.name])
+        check_runs(self.name, model, context, [unit.name for unit in units])
         return {name: removed.get(name, []) for name in requested}
 
-    @staticmethod
-    def neuron_scores(unit: MLPUnit) -> torch.Tensor:
-        """L2 norm per hidden neuron of its up/gate rows and down column."""
-        energy = _row_energy(unit.up) + unit.down.weight.detach().float().pow(2).sum(dim=0)
-        if unit.gate is not None:
-            energy = energy + _row_energy(unit.gate)
-        return energy.sqrt()
+    def replay(self, model: nn.Module, removed: Mapping[str, Sequence[int]], context: PruneContext) -> None:
+        """Remove the given hidden neurons of each feed-forward pair."""
+        mlps = scan_mlps(model)
+        done = []
+        for name, neurons in removed.items():
+            if not neurons:
+                continue
+            if name not in mlps:
+                raise AutopruneError(f"{self.name}: the model has no feed-forward pair {name!r}")
+            _remove_neurons(mlps[name], check_indices(self.name, name, neurons, mlps[name].up.out_features))
+            done.append(name)
+        check_runs(self.name, model, context, done)
+
+    def __repr__(self) -> str:
+        return f"MLPNeurons({self.importance!r})"
+
+
+def _remove_neurons(unit: MLPUnit, drop: list[int]) -> None:
+    """Slice hidden neurons ``drop`` out of ``unit`` (up/gate rows, down columns)."""
+    if not drop:
+        return
+    dropped = set(drop)
+    kept = [i for i in range(unit.up.out_features) if i not in dropped]
+    keep = torch.tensor(kept, device=unit.up.weight.device)
+    for lin in (unit.up, unit.gate):
+        if lin is not None:
+            _keep_rows(lin, keep)
+    _keep_columns(unit.down, keep)

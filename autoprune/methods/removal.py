@@ -18,13 +18,15 @@ when
 ``prune`` replaces each target with ratio >= 0.5 by :class:`RemovedBlock` (an
 ``nn.Identity`` that also accepts and ignores extra arguments, as
 ``nn.TransformerEncoder`` passes masks to its layers); ratios below 0.5 leave the
-block in place. Module names of everything else stay the same; units of the
-other families that lay inside a removed block are skipped by those methods.
+block in place. It reports ``[0]`` (the block, its only part) for a removed block
+and ``[]`` for a kept one; ``replay`` removes the blocks reported so. Module
+names of everything else stay the same; units of the other families that lay
+inside a removed block are skipped by those methods.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 
 import torch
@@ -33,7 +35,7 @@ from torch.autograd.graph import Node, get_gradient_edge
 
 from ..errors import AutopruneError
 from ._common import RemovedBlock, preserved_modes, set_submodule, unknown_unit
-from .base import PruneContext, PruningMethod
+from .base import PruneContext, PruningMethod, Removed
 from .registry import register
 
 __all__ = ["RemoveBlock", "RemovedBlock", "find_blocks"]
@@ -135,7 +137,7 @@ class RemoveBlock(PruningMethod):
     def candidates(self, model: nn.Module, context: PruneContext) -> list[str]:
         return find_blocks(model, context.example_inputs, context.protected)
 
-    def prune(self, model: nn.Module, targets: Mapping[str, float], context: PruneContext) -> None:
+    def prune(self, model: nn.Module, targets: Mapping[str, float], context: PruneContext) -> Removed:
         for name, ratio in targets.items():
             if not 0.0 <= ratio <= 1.0:
                 raise AutopruneError(f"{self.name}: ratio {ratio} for {name!r} is outside [0, 1]")
@@ -146,10 +148,25 @@ class RemoveBlock(PruningMethod):
                 reason = "it is not a residual block whose output shape equals its input shape"
                 raise unknown_unit(self.name, model, name, blocks, reason)
         for name in chosen:
-            old = model.get_submodule(name)
-            replacement = RemovedBlock()
-            _keep_encoder_working(model, name, old, replacement)
-            set_submodule(model, name, replacement)
+            _remove(model, name)
+        return {name: [0] if name in chosen else [] for name in targets}
+
+    def replay(self, model: nn.Module, removed: Mapping[str, Sequence[int]], context: PruneContext) -> None:
+        """Remove the blocks reported removed (``[0]``)."""
+        for name, parts in removed.items():
+            if parts:
+                try:
+                    model.get_submodule(name)
+                except AttributeError:
+                    raise AutopruneError(f"{self.name}: the model has no block {name!r} to remove") from None
+                _remove(model, name)
+
+
+def _remove(model: nn.Module, name: str) -> None:
+    old = model.get_submodule(name)
+    replacement = RemovedBlock()
+    _keep_encoder_working(model, name, old, replacement)
+    set_submodule(model, name, replacement)
 
 
 def _keep_encoder_working(model: nn.Module, name: str, old: nn.Module, replacement: RemovedBlock) -> None:

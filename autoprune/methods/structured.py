@@ -9,11 +9,13 @@ coupled channels everywhere in the group); with ``context.round_to`` the kept
 count is rounded to a multiple of it; at least one channel stays. Layers
 really shrink, so parameters and MACs go down.
 
-Scoring, planning and surgery are separate: a Torch-Pruning importance scores
-the channels of each group (:meth:`StructuredMethod.importance`), the planner
-turns ratios into exact channel counts, and Torch-Pruning's ``BasePruner``
-(``pruning_ratio_dict``, one entry per root) cuts them; the reached count is
-checked afterwards and a mismatch raises.
+Scoring, planning and surgery are separate: the method's
+:class:`~.importance.Importance` scores the channels of each group (through the
+matching Torch-Pruning group importance), the planner turns ratios into exact
+channel counts, and Torch-Pruning's ``BasePruner`` (``pruning_ratio_dict``, one
+entry per root) cuts them; the reached count is checked afterwards and a
+mismatch raises. :meth:`StructuredMethod.replay` cuts given channels through the
+dependency graph (rewinding).
 
 Not candidates: groups that change the output size of a ``context.protected``
 module (those go to ``ignored_layers``), groups coupled to attention (an
@@ -25,28 +27,21 @@ raises :class:`~autoprune.errors.UnsupportedLayerError` naming it.
 
 from __future__ import annotations
 
-import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from ..errors import AutopruneError
-from ._common import (
-    IndexedPruningMethod,
-    batch_gradients,
-    check_ratio,
-    check_runs,
-    count_to_remove,
-    live_targets,
-    preserved_modes,
-    unknown_unit,
-)
+from ._common import check_indices, check_runs, live_targets, preserved_modes, unknown_unit
 from .attention import attention_members
-from .base import PruneContext
-from .registry import register
+from .base import PruneContext, PruningMethod, Removed, check_ratio
+from .importance import Importance, Unit, get_importance, prepare
+from .registry import register_method
 
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -62,6 +57,7 @@ class ChannelGroup:
     members: list[str] = field(default_factory=list)
     has_batchnorm: bool = False
     reason: str | None = None
+    group: Any = None  # the Torch-Pruning group
 
 
 def _forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -93,6 +89,7 @@ def scan_groups(
             _out_channels(dg, root),
             members=[names[m] for m in sorted({m for m in touched if m in names}, key=order.__getitem__)],
             has_batchnorm=any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in touched),
+            group=group,
         )
         blocks = sorted({attention[m] for m in touched if m in attention})
         if blocks:
@@ -108,29 +105,43 @@ def scan_groups(
     return dict(sorted(found.items(), key=lambda item: order[item[1].module]))
 
 
-class StructuredMethod(IndexedPruningMethod):
-    """Channel pruning of dependency groups; subclasses choose the importance."""
+class _GroupScores:
+    """The importance callable Torch-Pruning's pruner asks: an autoprune importance on a group."""
+
+    def __init__(self, importance: Importance, context: PruneContext, names: Mapping[nn.Module, str]) -> None:
+        self.importance, self.context, self.names = importance, context, names
+
+    def __call__(self, group: tp.Group) -> torch.Tensor:
+        dep, idxs = group[0]
+        unit = Unit(self.names.get(dep.target.module, ""), len(idxs), group=group)
+        return self.importance.scores(unit, self.context)
+
+
+class StructuredMethod(PruningMethod):
+    """Channel pruning of dependency groups, ranked by a pluggable importance:
+    ``StructuredMethod("l1_structured", "l1")``."""
 
     family = "structured"
-    needs_batchnorm = False
+    indexed = True
 
-    @abc.abstractmethod
-    def importance(self) -> tp.importance.Importance:
-        """The Torch-Pruning importance that scores a group's channels."""
-
-    def prepare(self, model: nn.Module, context: PruneContext) -> None:
-        """Hook run before scoring (gradient-based methods fill ``.grad`` here)."""
+    def __init__(self, name: str, importance: str | Importance) -> None:
+        self.name = name
+        self.importance = get_importance(importance)
 
     def candidates(self, model: nn.Module, context: PruneContext) -> list[str]:
         with preserved_modes(model):
             ignored = _protected_modules(model, context)
             dg = tp.DependencyGraph().build_dependency(model, context.example_inputs, forward_fn=_forward)
-            groups = scan_groups(dg, model, _expand(ignored), self.needs_batchnorm)
+            groups = scan_groups(dg, model, _expand(ignored), self.importance.needs_batchnorm)
         return [name for name, group in groups.items() if group.reason is None]
 
-    def prune_indices(
-        self, model: nn.Module, targets: Mapping[str, float], context: PruneContext
-    ) -> dict[str, list[int]]:
+    def unit_size(self, model: nn.Module, unit: str) -> int | None:
+        """Output channels of layer ``unit`` (None when there is no such Conv/Linear layer)."""
+        module = dict(model.named_modules()).get(unit)
+        size = getattr(module, "out_channels", None) or getattr(module, "out_features", None)
+        return size if isinstance(size, int) else None
+
+    def prune(self, model: nn.Module, targets: Mapping[str, float], context: PruneContext) -> Removed:
         requested, targets = list(targets), live_targets(model, targets)
         modules = dict(model.named_modules())
         names_of = {module: name for name, module in modules.items()}
@@ -147,14 +158,14 @@ class StructuredMethod(IndexedPruningMethod):
             pruner = tp.pruner.BasePruner(
                 model,
                 context.example_inputs,
-                importance=self.importance(),
+                importance=_GroupScores(self.importance, context, names_of),
                 pruning_ratio=0.0,
                 pruning_ratio_dict=ratio_dict,
                 ignored_layers=ignored,
                 root_module_types=list(ROOT_TYPES),
                 forward_fn=_forward,
             )
-            groups = scan_groups(pruner.DG, model, pruner.ignored_layers, self.needs_batchnorm)
+            groups = scan_groups(pruner.DG, model, pruner.ignored_layers, self.importance.needs_batchnorm)
             counts = self._plan(model, groups, targets, context)
             if not counts:
                 return {name: [] for name in requested}
@@ -163,7 +174,8 @@ class StructuredMethod(IndexedPruningMethod):
                 name = names_of[module]
                 ratio = (counts[name] - 0.5) / groups[name].channels if name in counts else 0.0
                 pruner.pruning_ratio_dict[module] = pruner.iterative_pruning_ratio_scheduler(ratio, 1)
-            self.prepare(model, context)
+            units = [Unit(name, groups[name].channels, group=groups[name].group) for name in counts]
+            prepare(self.name, self.importance, model, units, context)
             removed = self._cut(pruner, groups, counts)
             model.zero_grad(set_to_none=True)
         for name, count in counts.items():
@@ -190,7 +202,7 @@ class StructuredMethod(IndexedPruningMethod):
             group = groups.get(name)
             if group is None or group.reason is not None:
                 raise unknown_unit(self.name, model, name, prunable, _why_not(name, groups, context))
-            count = min(count_to_remove(group.channels, ratio, context.round_to), group.channels - 1)
+            count = self.removal_count(group.channels, ratio, context)
             if count > 0:
                 counts[name] = count
         return counts
@@ -212,6 +224,23 @@ class StructuredMethod(IndexedPruningMethod):
             removed[name] = sorted(int(i) for i in idxs)
             group.prune()
         return removed
+
+    def replay(self, model: nn.Module, removed: Mapping[str, Sequence[int]], context: PruneContext) -> None:
+        """Cut the given output channels of each group root (and everything coupled to them)."""
+        if not any(removed.values()):
+            return
+        with preserved_modes(model):
+            dg = tp.DependencyGraph().build_dependency(model, context.example_inputs, forward_fn=_forward)
+            for unit, idxs in removed.items():
+                if not idxs:
+                    continue
+                root = model.get_submodule(unit)
+                drop = check_indices(self.name, unit, idxs, _out_channels(dg, root))
+                fn = dg.get_pruner_of_module(root).prune_out_channels
+                dg.get_pruning_group(root, fn, idxs=drop).prune()
+
+    def __repr__(self) -> str:
+        return f"StructuredMethod({self.name!r}, {self.importance!r})"
 
 
 def _protected_modules(model: nn.Module, context: PruneContext) -> list[nn.Module]:
@@ -236,58 +265,13 @@ def _why_not(name: str, groups: dict[str, ChannelGroup], context: PruneContext) 
     return f"it is pruned together with its dependency group; target the group's root {owner.root!r}"
 
 
-@register
-class L1Structured(StructuredMethod):
-    """Group L1 norm of each channel's weights (mean over the group's layers)."""
-
-    name = "l1_structured"
-
-    def importance(self):
-        return tp.importance.GroupMagnitudeImportance(p=1)
-
-
-@register
-class L2Structured(StructuredMethod):
-    """Group L2 norm of each channel's weights (mean over the group's layers)."""
-
-    name = "l2_structured"
-
-    def importance(self):
-        return tp.importance.GroupMagnitudeImportance(p=2)
-
-
-@register
-class TaylorStructured(StructuredMethod):
-    """First-order Taylor ``|w * dL/dw|`` per channel, gradients summed over the
-    calibration batches (eval mode). Needs ``context.calibration_batches``."""
-
-    name = "taylor_structured"
-
-    def importance(self):
-        return tp.importance.GroupTaylorImportance()
-
-    def prepare(self, model, context):
-        for _ in batch_gradients(model, context, self.name, accumulate=True):
-            pass
-
-
-@register
-class BNScaleStructured(StructuredMethod):
-    """BatchNorm scale ``|gamma|`` (network slimming); only groups with BatchNorm."""
-
-    name = "bn_scale_structured"
-    needs_batchnorm = True
-
-    def importance(self):
-        return tp.importance.BNScaleImportance()
-
-
-@register
-class RandomStructured(StructuredMethod):
-    """Uniform random channel scores from torch's global generator (reproducible
-    under ``torch.manual_seed``)."""
-
-    name = "random_structured"
-
-    def importance(self):
-        return tp.importance.RandomImportance()
+#: Registered channel methods: ``<importance>_structured`` (see :mod:`.importance`): l1 / l2
+#: group norm of each channel's weights (mean over the group's layers); taylor ``|w * dL/dw|``
+#: per channel, gradients summed over the calibration batches (eval mode; needs
+#: ``context.calibration_batches``); bn_scale ``|gamma|`` (network slimming; only groups with
+#: BatchNorm); random (reproducible under ``torch.manual_seed``).
+STRUCTURED_IMPORTANCES = ("l1", "l2", "taylor", "bn_scale", "random")
+for _importance in STRUCTURED_IMPORTANCES:
+    register_method(
+        f"{_importance}_structured", partial(StructuredMethod, f"{_importance}_structured", _importance)
+    )

@@ -2,9 +2,10 @@
 
 The unit is a layer (its module name); every ``nn.Conv*d`` / ``nn.Linear`` not in
 ``context.protected`` is a candidate. A ratio ``r`` for a layer with ``n``
-weights leaves ``round(r * n)`` of them at zero: the lowest-scoring ones, where
-weights that are already zero score lowest (they count towards the ratio, so a
-layer that had more zeros before keeps them). Zeros are written into
+weights leaves ``round(r * n)`` of them at zero: the lowest-scoring ones under
+the method's importance (:mod:`.importance`), where weights that are already
+zero score lowest (they count towards the ratio, so a layer that had more zeros
+before keeps them). Zeros are written into
 ``weight`` itself; no ``torch.nn.utils.prune`` re-parametrisation or hook is left
 behind, so shapes, MACs and the dense parameter count do not change, only the
 number of non-zero weights.
@@ -19,8 +20,8 @@ their gradient is zero.
 
 from __future__ import annotations
 
-import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -28,9 +29,10 @@ from torch.nn.utils import prune as torch_prune
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import AutopruneError
-from ._common import batch_gradients, check_ratio, live_targets, unknown_unit
-from .base import PruneContext, PruningMethod
-from .registry import register
+from ._common import live_targets, unknown_unit
+from .base import PruneContext, PruningMethod, Removed, check_ratio
+from .importance import Importance, Unit, get_importance, prepare
+from .registry import register_method
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -45,20 +47,19 @@ def prunable_layers(model: nn.Module, protected: frozenset[str] = frozenset()) -
 
 
 class UnstructuredMethod(PruningMethod):
-    """Scores every weight of a layer (:meth:`scores`) and zeros the lowest ones."""
+    """Scores every weight of a layer with an :class:`~.importance.Importance` and zeros the
+    lowest ones. One class serves every criterion: ``UnstructuredMethod("l1_unstructured", "l1")``."""
 
     family = "unstructured"
 
-    @abc.abstractmethod
-    def scores(
-        self, model: nn.Module, layers: Mapping[str, nn.Module], context: PruneContext
-    ) -> dict[str, torch.Tensor]:
-        """Per-weight importance (same shape as ``weight``; higher means keep) for each layer."""
+    def __init__(self, name: str, importance: str | Importance) -> None:
+        self.name = name
+        self.importance = get_importance(importance)
 
     def candidates(self, model: nn.Module, context: PruneContext) -> list[str]:
         return list(prunable_layers(model, context.protected))
 
-    def prune(self, model: nn.Module, targets: Mapping[str, float], context: PruneContext) -> None:
+    def prune(self, model: nn.Module, targets: Mapping[str, float], context: PruneContext) -> Removed:
         targets = live_targets(model, targets)
         layers = prunable_layers(model, context.protected)
         counts: dict[str, int] = {}
@@ -71,20 +72,28 @@ class UnstructuredMethod(PruningMethod):
             if count > 0:
                 counts[name] = count
         if not counts:
-            return
-        chosen = {name: layers[name] for name in counts}
-        for module in chosen.values():
-            _strip_reparametrization(module)
-        scores = self.scores(model, chosen, context)
+            return {}
+        for name in counts:
+            _strip_reparametrization(layers[name])
+        units = [Unit.weights(name, layers[name]) for name in counts]
+        prepare(self.name, self.importance, model, units, context)
+        scores = {unit.name: self.importance.scores(unit, context) for unit in units}
         with torch.no_grad():
-            for name, module in chosen.items():
-                weight = module.weight
+            for name in counts:
+                weight = layers[name].weight
                 score = scores[name].detach().to(torch.float32).flatten().clone()
                 score[weight.detach().flatten() == 0] = -float("inf")
                 drop = torch.argsort(score, stable=True)[: counts[name]]
                 keep = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
                 keep[drop] = False
                 weight.mul_(keep.view_as(weight))
+        return {}
+
+    def replay(self, model: nn.Module, removed: Mapping[str, Sequence[int]], context: PruneContext) -> None:
+        """Nothing to repeat: zeros change no shape (callers re-apply :func:`masks_of` masks)."""
+
+    def __repr__(self) -> str:
+        return f"UnstructuredMethod({self.name!r}, {self.importance!r})"
 
 
 def _strip_reparametrization(module: nn.Module) -> None:
@@ -93,59 +102,15 @@ def _strip_reparametrization(module: nn.Module) -> None:
         torch_prune.remove(module, "weight")
 
 
-@register
-class L1Unstructured(UnstructuredMethod):
-    """Magnitude ``|w|``."""
-
-    name = "l1_unstructured"
-
-    def scores(self, model, layers, context):
-        return {name: module.weight.detach().abs() for name, module in layers.items()}
-
-
-@register
-class L2Unstructured(UnstructuredMethod):
-    """Squared magnitude ``w**2``. Within one layer it ranks like ``|w|`` (the masks are
-    identical to l1_unstructured); it is kept as its own criterion for configs and
-    for scorings that compare values across layers."""
-
-    name = "l2_unstructured"
-
-    def scores(self, model, layers, context):
-        return {name: module.weight.detach().pow(2) for name, module in layers.items()}
-
-
-@register
-class TaylorUnstructured(UnstructuredMethod):
-    """First-order Taylor saliency ``sum_b |w * dL_b/dw|`` over the calibration batches
-    (each batch's gradient on its own, model in eval mode). Clears ``.grad``."""
-
-    name = "taylor_unstructured"
-
-    def scores(self, model, layers, context):
-        totals = {
-            name: torch.zeros_like(module.weight, dtype=torch.float32) for name, module in layers.items()
-        }
-        for _ in batch_gradients(model, context, self.name):
-            for name, module in layers.items():
-                if module.weight.grad is not None:
-                    totals[name] += (module.weight.detach() * module.weight.grad).abs().float()
-        model.zero_grad(set_to_none=True)
-        return totals
-
-
-@register
-class RandomUnstructured(UnstructuredMethod):
-    """Uniform random scores from torch's global generator: reproducible under
-    ``torch.manual_seed``."""
-
-    name = "random_unstructured"
-
-    def scores(self, model, layers, context):
-        return {
-            name: torch.rand(module.weight.shape, device=module.weight.device)
-            for name, module in layers.items()
-        }
+#: Registered unstructured methods: ``<importance>_unstructured`` (see :mod:`.importance`):
+#: l1 ``|w|``; l2 ``w**2`` (within a layer it ranks like ``|w|``, the masks equal l1's);
+#: taylor ``sum_b |w * dL_b/dw|`` over the calibration batches, each batch's gradient on
+#: its own (eval mode; clears ``.grad``); random (reproducible under ``torch.manual_seed``).
+UNSTRUCTURED_IMPORTANCES = ("l1", "l2", "taylor", "random")
+for _importance in UNSTRUCTURED_IMPORTANCES:
+    register_method(
+        f"{_importance}_unstructured", partial(UnstructuredMethod, f"{_importance}_unstructured", _importance)
+    )
 
 
 def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,264 @@
+"""The search's inputs: the user's model and data (from the config's factories, or Python objects), checked
+against each other, the search space derived from the model, the trial settings, and the trained dense
+model (from a checkpoint, or pre-trained once per study and kept in its directory). No Optuna, Ray or MLflow."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import SearchConfig
+from .errors import ConfigError
+from .methods import PruneContext
+from .model_io import build_loaders, build_model, check_loaders, import_factory, load_checkpoint
+from .space import SearchSpace, find_head
+from .task_check import check_task
+from .training import TrainSettings, train
+from .trial import Batches, TrialSettings
+
+DENSE_FILE = "dense.pt"
+
+
+@dataclass
+class Inputs:
+    """The user's model, data and search space, built and checked from the config."""
+
+    model: nn.Module
+    train_loader: Batches
+    val_loader: Batches
+    space: SearchSpace
+    settings: TrialSettings
+    modules: list[ModuleType]
+
+
+def _user_module(module: ModuleType) -> bool:
+    """A module shipped to Ray workers: one that is not an installed package."""
+    path = getattr(module, "__file__", None) or ""
+    return "site-packages" not in path and "dist-packages" not in path
+
+
+@dataclass(frozen=True)
+class Live:
+    """Model and data given as Python objects (``autoprune.Search(model=..., train_data=...)``) instead of
+    the config's factories. Data may be DataLoaders (or any iterable of ``(inputs, targets)`` batches with
+    ``len``) or map-style datasets, batched with ``data.batch_size``."""
+
+    model: nn.Module | None = None
+    train_data: Any = None
+    val_data: Any = None
+
+    def __post_init__(self) -> None:
+        if self.model is not None and not isinstance(self.model, nn.Module):
+            raise ConfigError(f"argument 'model': expected a torch.nn.Module, got {type(self.model).__name__}")
+        if (self.train_data is None) != (self.val_data is None):
+            raise ConfigError("arguments 'train_data' and 'val_data': expected both or neither, got one")
+
+
+def _model_and_modules(config: SearchConfig, live: Live) -> tuple[nn.Module, list[ModuleType]]:
+    if live.model is not None:
+        return copy.deepcopy(live.model).eval(), []  # the caller's model is never changed
+    if config.model.factory is None:
+        raise ConfigError("field 'model.factory': required unless the model is given (autoprune.Search(model=...))")
+    factory, module = import_factory(config.model.factory, config.base_dir, "model.factory")
+    return build_model(factory, config.model.kwargs, "model.factory"), [module]
+
+
+def _loaders(config: SearchConfig, live: Live) -> tuple[tuple[Batches, Batches], list[ModuleType]]:
+    if live.train_data is not None:
+        batch_size = config.data.batch_size if config.data is not None else 64
+        loaders = tuple(_as_loader(data, batch_size, shuffle=which == "train")
+                        for which, data in (("train", live.train_data), ("val", live.val_data)))
+        return check_loaders(loaders, "train_data/val_data"), []
+    if config.data is None or config.data.factory is None:
+        raise ConfigError("field 'data.factory': required unless the data are given "
+                          "(autoprune.Search(train_data=..., val_data=...))")
+    factory, module = import_factory(config.data.factory, config.base_dir, "data.factory")
+    return build_loaders(factory, config.data.kwargs, "data.factory"), [module]
+
+
+def _as_loader(data: Any, batch_size: int, *, shuffle: bool) -> Batches:
+    """A map-style dataset (``__getitem__`` + ``__len__``, not already batches) becomes a DataLoader."""
+    from torch.utils.data import DataLoader, Dataset
+
+    if isinstance(data, Dataset) and not isinstance(data, DataLoader):
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle,
+                          generator=torch.Generator().manual_seed(0) if shuffle else None)
+    return data
+
+
+def build_inputs(config: SearchConfig, live: Live | None = None) -> Inputs:
+    """Build the model and data (from the config's factories, or the ``live`` objects), check that they fit
+    each other, derive the search space; no side effects on disk."""
+    live = live or Live()
+    task = {key: import_factory(spec, config.base_dir, f"model.{key}")
+            for key in ("loss", "metric") if (spec := getattr(config.model, key)) is not None}
+    torch.manual_seed(config.study.seed)  # the same initial weights in every process, so pre-training repeats
+    model, model_modules = _model_and_modules(config, live)
+    (train_loader, val_loader), data_modules = _loaders(config, live)
+    if config.checkpoint_path is not None:
+        load_checkpoint(model, config.checkpoint_path)
+    loss_fn = task["loss"][0] if "loss" in task else None
+    metric_fn = task["metric"][0] if "metric" in task else None
+    check_task(model, train_loader, val_loader, loss_fn, metric_fn)
+    head = config.space.head or find_head(model)
+    if head not in dict(model.named_modules()):
+        raise ConfigError(f"field 'space.head': no module named {head!r} in the model")
+    settings = TrialSettings(
+        finetune=TrainSettings(**config.finetune.model_dump(), loss_fn=loss_fn),
+        protected=frozenset({head}),
+        latency_batch=config.latency.batch_size,
+        latency_threads=config.latency.threads,
+        latency_rounds=config.latency.rounds,
+        latency_min_run_time=config.latency.min_run_time,
+        max_layer_sparsity=config.space.max_layer_sparsity,
+        round_to=config.space.round_to,
+        calibration_batches=config.space.calibration_batches,
+        seed=config.study.seed,
+        rewind_state=_rewind_checkpoint_state(config, model),
+        metric_fn=metric_fn,
+    )
+    example = next(iter(val_loader))[0][:1]
+    context = PruneContext(example_inputs=example, protected=settings.protected,
+                           max_layer_sparsity=settings.max_layer_sparsity, round_to=settings.round_to)
+    sparsity = config.space.sparsity
+    space = SearchSpace.from_model(model, context, config.space.methods, config.space.include,
+                                   config.space.exclude, low=sparsity.low, high=sparsity.high,
+                                   step=sparsity.step, quantize=config.space.quantize,
+                                   schedules=tuple(config.space.schedules),
+                                   iterative_rounds=config.space.iterative_rounds, rewind=config.space.rewind)
+    candidates = (*model_modules, *data_modules, *(module for _, module in task.values()))
+    modules = list({m.__name__: m for m in candidates if _user_module(m)}.values())
+    return Inputs(model, train_loader, val_loader, space, settings, modules)
+
+
+def fingerprint(inputs: Inputs) -> dict[str, Any]:
+    """What identifies the model and data beyond the config (live objects have no factory name): the
+    architecture, and the data's batch count and batch shapes; stored in the study, compared on resume."""
+    x, y = next(iter(inputs.val_loader))
+    return {
+        "model": hashlib.sha256(str(inputs.model).encode()).hexdigest()[:16],
+        "train_batches": _length(inputs.train_loader),
+        "val_batches": _length(inputs.val_loader),
+        "batch": [list(getattr(x, "shape", [])), list(getattr(y, "shape", []))],
+    }
+
+
+def _length(loader: Batches) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _rewind_checkpoint_state(config: SearchConfig, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Early weights from ``space.rewind_checkpoint``; checks that rewinding has a source of early weights."""
+    space = config.space
+    if space.rewind == "never":
+        return None
+    if space.rewind_checkpoint is not None:
+        early = copy.deepcopy(model)
+        load_checkpoint(early, (config.base_dir / space.rewind_checkpoint).resolve(), field="space.rewind_checkpoint")
+        return _clone_state(early)
+    if config.model.pretrain is None:
+        raise ConfigError(f"field 'space.rewind': rewinding ({space.rewind!r}) needs early weights: pre-train the "
+                          "model here (model.pretrain) or give them as space.rewind_checkpoint")
+    if space.rewind_epoch >= config.model.pretrain.epochs:
+        raise ConfigError(f"field 'space.rewind_epoch': expected fewer than model.pretrain.epochs="
+                          f"{config.model.pretrain.epochs} epochs, got {space.rewind_epoch}")
+    return None  # taken during pre-training by ensure_dense
+
+
+def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def rewind_file(config: SearchConfig) -> Path:
+    """Where pre-training keeps the weights of the rewind point (beside the dense model)."""
+    return config.study_path / f"dense_epoch{config.space.rewind_epoch}.pt"
+
+
+def ensure_dense(config: SearchConfig, inputs: Inputs) -> nn.Module:
+    """The trained dense model: from the checkpoint, or pre-trained once and kept in the work dir.
+
+    With rewinding from pre-training (``space.rewind`` not ``never``, no ``space.rewind_checkpoint``)
+    the weights after ``space.rewind_epoch`` epochs are saved beside it (:func:`rewind_file`) and
+    put into ``inputs.settings.rewind_state``. Capturing them does not change the dense model.
+    """
+    model = inputs.model
+    if config.model.pretrain is None:
+        return model
+    path = config.study_path / DENSE_FILE
+    wants_early = config.space.rewind != "never" and config.space.rewind_checkpoint is None
+    early_path = rewind_file(config)
+    if path.is_file():
+        load_checkpoint(model, path, field="work_dir (dense model)")
+        if wants_early:
+            if not early_path.is_file():
+                raise ConfigError(f"field 'space.rewind': {path} was pre-trained without keeping the weights after "
+                                  f"epoch {config.space.rewind_epoch} ({early_path.name}); delete {path} to pre-train "
+                                  "again, or use another work_dir")
+            early = copy.deepcopy(model)
+            load_checkpoint(early, early_path, field="work_dir (rewind weights)")
+            inputs.settings = replace(inputs.settings, rewind_state=_clone_state(early))
+        return model
+    pre = config.model.pretrain
+    settings = TrainSettings(epochs=pre.epochs, optimizer=pre.optimizer, lr=pre.lr,
+                             loss_fn=inputs.settings.finetune.loss_fn)
+    torch.manual_seed(config.study.seed)
+    captured: list[dict[str, torch.Tensor]] = []
+    after_step = None
+    if wants_early and config.space.rewind_epoch == 0:
+        captured.append(_clone_state(model))
+    elif wants_early:
+        from .schedule import batches_per_epoch
+
+        at_step, steps = config.space.rewind_epoch * batches_per_epoch(inputs.train_loader, settings), [0]
+
+        def after_step(m: nn.Module) -> None:
+            steps[0] += 1
+            if steps[0] == at_step:
+                captured.append(_clone_state(m))
+
+    train(model, inputs.train_loader, settings, after_step=after_step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if wants_early:
+        if not captured:
+            raise ConfigError(f"field 'space.rewind_epoch': pre-training ended before epoch "
+                              f"{config.space.rewind_epoch} (the data loader yielded fewer batches than its len())")
+        _save_atomic(captured[0], early_path)  # before dense.pt: a dense.pt from this run implies its rewind file
+        inputs.settings = replace(inputs.settings, rewind_state=captured[0])
+    _save_atomic(model.state_dict(), path)
+    return model
+
+
+def _save_atomic(obj: object, path: Path) -> None:
+    """``torch.save`` to a temporary file renamed over ``path``: a reader (or a second search pre-training
+    at the same moment) never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def trial_dir(config: SearchConfig, number: int) -> Path:
+    """Trial ``number``'s model files: ``<work_dir>/studies/<study>/trials/NNNNN`` (per study: several
+    studies in one work dir never share or overwrite each other's files)."""
+    return config.study_path / "trials" / f"{number:05d}"
+
+
+def dense_checkpoint(config: SearchConfig) -> Path | None:
+    """The file the dense model comes from: the configured checkpoint, or the one pre-trained for this study
+    (``<work_dir>/studies/<study>/dense.pt``)."""
+    return config.checkpoint_path if config.model.pretrain is None else config.study_path / DENSE_FILE
+
+

@@ -1,0 +1,85 @@
+"""Does the model fit the data? One forward pass, loss and metric on a real batch, before anything is
+trained or written, so that a mismatch is one clear error instead of a traceback from the training loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .trial import Batches
+
+
+def _shape(value: object) -> str:
+    return str(list(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def check_task(model: nn.Module, train_loader: Batches, val_loader: Batches,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+               metric_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> None:
+    """Run the model on one validation and one training batch and compute the loss (``model.loss``,
+    default cross-entropy) and the metric (``model.metric``, default top-1) on its outputs, so that a
+    model whose outputs do not fit the data's targets (5 classes for 10 labels, no batch dimension)
+    is a :class:`ConfigError` naming both factories and the shapes, before anything is trained or
+    written. The random number generator's state and the model's training flag are left as they were."""
+    from .measure import top1
+
+    loss_name = "model.loss" if loss_fn is not None else "the default loss (cross-entropy)"
+    metric_name = "model.metric" if metric_fn is not None else "the default metric (top-1 accuracy)"
+    was_training = model.training
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        model.eval()
+        try:
+            for which, loader in (("validation", val_loader), ("training", train_loader)):
+                inputs, targets = next(iter(loader))
+                given = f"a {which} batch of data.factory (inputs {_shape(inputs)}, targets {_shape(targets)})"
+                try:
+                    outputs = model(inputs)
+                except Exception as exc:
+                    raise ConfigError(f"field 'model.factory': the model fails on {given}: "
+                                      f"{type(exc).__name__}: {_first_line(exc)}") from None
+                batch = inputs.shape[0] if inputs.dim() else 0
+                tensor_out = isinstance(outputs, torch.Tensor) and outputs.dim() > 0
+                if not tensor_out and (loss_fn is None or metric_fn is None):  # the defaults need [batch, ...]
+                    raise ConfigError(f"field 'model.factory': expected the model to return a tensor with a batch "
+                                      f"dimension, got {_shape(outputs)} on {given}")
+                if tensor_out and (outputs.shape[0] != batch or (targets.dim() and targets.shape[0] != batch)):
+                    raise ConfigError(f"field 'model.factory': expected outputs and targets with the batch "
+                                      f"dimension first ({batch}), got outputs {_shape(outputs)} on {given}")
+                if tensor_out and loss_fn is None and not targets.is_floating_point() and targets.numel():
+                    classes = outputs.shape[1] if outputs.dim() > 1 else 0
+                    if int(targets.max()) >= classes or int(targets.min()) < 0:
+                        raise ConfigError(
+                            f"field 'model.factory': the model's outputs {_shape(outputs)} give {classes} classes, "
+                            f"but {given} holds class labels from {int(targets.min())} to {int(targets.max())} "
+                            f"(the default loss, cross-entropy, needs outputs [batch, classes]); fix the model's "
+                            f"output size, or set model.loss and model.metric")
+                try:
+                    loss = (loss_fn or nn.functional.cross_entropy)(outputs, targets)
+                    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                        raise ValueError(f"expected a scalar tensor, got {_shape(loss)}")
+                except Exception as exc:
+                    field = "model.loss" if loss_fn is not None else "model.factory"
+                    raise ConfigError(f"field {field!r}: {loss_name} of the model's outputs {_shape(outputs)} "
+                                      f"against the targets of {given} fails: {type(exc).__name__}: "
+                                      f"{_first_line(exc)}") from None
+                try:
+                    scores = (metric_fn or top1)(outputs, targets)
+                    if not isinstance(scores, torch.Tensor) or scores.numel() != batch:
+                        raise ValueError(f"expected one score per sample ({batch}), got {_shape(scores)}")
+                except Exception as exc:
+                    field = "model.metric" if metric_fn is not None else "model.factory"
+                    raise ConfigError(f"field {field!r}: {metric_name} of the model's outputs {_shape(outputs)} "
+                                      f"against the targets of {given} fails: {type(exc).__name__}: "
+                                      f"{_first_line(exc)}") from None
+        finally:
+            model.train(was_training)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
