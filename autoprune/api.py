@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import SearchConfig, config_from_mapping, load_config
-from .inputs import Live
+from .live import Live
 from .workspace import Workspace
 
 if TYPE_CHECKING:
@@ -96,9 +96,12 @@ class Search:
 
         if n_trials is not None:
             self._set_trials(n_trials)
-        if not kwargs.get("debug"):
-            kwargs.pop("debug", None)
-        return run_search(self._workspace, on_progress=progress, **kwargs)
+        workspace = self._workspace
+        if kwargs.pop("debug", False):  # trials in this process; the first trial exception propagates
+            execution = self.config.execution.model_copy(update={"backend": "in_process", "debug": True})
+            workspace = Workspace(self.config.model_copy(update={"execution": execution}), self._live)
+            workspace._inputs, workspace._dense = self._workspace._inputs, self._workspace._dense
+        return run_search(workspace, on_progress=progress, **kwargs)
 
     def _set_trials(self, n_trials: int) -> None:
         if not isinstance(n_trials, int) or n_trials < 1:
@@ -158,13 +161,13 @@ class Search:
     def evaluate(self, trial: int, data: Any = None) -> float:
         """Trial ``trial``'s model scored with the search's metric on ``data`` (default: ``test_data``),
         data the front was not selected on."""
-        from .inputs import _as_loader
+        from .inputs import as_loader
         from .measure import evaluate_accuracy
 
         data = self.test_data if data is None else data
         if data is None:
             raise ValueError("evaluate(): no data: pass data=..., or test_data=... to Search")
-        loader = _as_loader(data, self.config.data.batch_size, shuffle=False)
+        loader = as_loader(data, self.config.data.batch_size, shuffle=False)
         return evaluate_accuracy(self.load_model(trial), loader, self._workspace.inputs.settings.metric_fn)
 
     # ---- derived work ----
@@ -175,12 +178,13 @@ class Search:
         return export_trial(self._workspace, trial, Path(path))
 
     def sensitivity(self, ratios: Sequence[float] = (0.25, 0.5, 0.75, 0.9), *, max_drop: float = 0.05,
-                    methods: Sequence[str] | None = None) -> SensitivityResult:
+                    methods: Sequence[str] | None = None, progress: Any = None) -> SensitivityResult:
         """Accuracy against sparsity per unit and method, one unit pruned at a time, without fine-tuning;
-        writes ``<work_dir>/sensitivity.json`` (a new study is seeded from it)."""
+        writes ``<work_dir>/sensitivity.json`` (a new study is seeded from it) and logs a plot to MLflow.
+        ``progress`` is called with a :class:`~autoprune.sensitivity.SensitivityProgress` per point."""
         from .sensitivity import run_sensitivity
 
-        return run_sensitivity(self._workspace, tuple(ratios), methods, max_drop)
+        return run_sensitivity(self._workspace, tuple(ratios), methods, max_drop, on_progress=progress)
 
     def report(self, register: str | None = None) -> Regenerated:
         """Bring the study's MLflow records up to date (runs, tags, chart, tables, models); optionally

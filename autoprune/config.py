@@ -388,8 +388,10 @@ def config_from_mapping(raw: Mapping[str, Any], base_dir: str | Path, overrides:
 
 
 ALWAYS_CHANGEABLE = ("study.n_trials", "study.storage", "study.db_url", "execution.", "tracking.uri",
-                     "tracking.log_models")
-"""Config fields a resume may change freely: how long and where the search runs, not what it searches."""
+                     "tracking.log_models", "study.baselines", "space.sensitivity_bounds",
+                     "space.sensitivity_margin")
+"""Config fields a resume may change freely: how long and where the search runs, not what it searches
+(baselines and sensitivity caps are read only when the study is created)."""
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:

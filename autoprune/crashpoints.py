@@ -5,7 +5,9 @@ place where the driver writes to the study, the work dir, MLflow or the registry
 :func:`crash_point` with its name. Normally that is a dictionary lookup and nothing else.
 With the environment variable ``AUTOPRUNE_CRASH_AT`` set to ``NAME`` or ``NAME:PASS`` or
 ``NAME:PASS:SIGNAL`` (``KILL``, the default, or ``INT`` for Ctrl-C), the process sends itself
-that signal on the ``PASS``-th time (1-based, default 1) it reaches point ``NAME``.
+that signal on the ``PASS``-th time (1-based, default 1) it reaches point ``NAME``. ``WAIT`` instead
+of a signal holds the process there until the file named by ``AUTOPRUNE_CRASH_GATE`` exists: a test
+can then act (start a second driver, stop the database) at an exact point of the search.
 
 ``tests/test_crash_sweep.py`` kills a search at every point in :data:`POINTS` and checks
 that ``resume`` repairs everything; a point added to the code must be listed here.
@@ -16,8 +18,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 ENV = "AUTOPRUNE_CRASH_AT"
+GATE_ENV = "AUTOPRUNE_CRASH_GATE"
 
 POINTS: dict[str, str] = {
     # study and driver records
@@ -47,12 +51,14 @@ POINTS: dict[str, str] = {
     "mlflow.parent_ended": "the parent run was ended",
 }
 
-_SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT, "TERM": signal.SIGTERM}
+WAIT = "WAIT"
+_SIGNALS: dict[str, signal.Signals | str] = {"KILL": signal.SIGKILL, "INT": signal.SIGINT, "TERM": signal.SIGTERM,
+                                             WAIT: WAIT}
 _passes: dict[str, int] = {}
 _lock = threading.Lock()
 
 
-def parse(spec: str) -> tuple[str, int, signal.Signals]:
+def parse(spec: str) -> tuple[str, int, signal.Signals | str]:
     """``NAME[:PASS[:SIGNAL]]`` -> (name, pass, signal); a ValueError quotes what is wrong."""
     name, _, rest = spec.partition(":")
     count, _, sig = rest.partition(":")
@@ -78,5 +84,11 @@ def crash_point(name: str) -> None:
     with _lock:
         _passes[name] = _passes.get(name, 0) + 1
         hit = _passes[name] == at_pass
-    if hit:
+    if hit and sig == WAIT:
+        gate = os.environ.get(GATE_ENV)
+        if not gate:
+            raise ValueError(f"{ENV}={spec!r}: WAIT needs {GATE_ENV}, the file to wait for")
+        while not os.path.exists(gate):
+            time.sleep(0.05)
+    elif hit:
         os.kill(os.getpid(), sig)  # SIGINT: KeyboardInterrupt in the main thread at its next bytecode

@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import SearchConfig
 from .errors import ConfigError
+from .live import Live
 from .methods import PruneContext
 from .model_io import build_loaders, build_model, check_loaders, import_factory, load_checkpoint
 from .space import SearchSpace, find_head
@@ -24,7 +25,7 @@ from .task_check import check_task
 from .training import TrainSettings, train
 from .trial import Batches, TrialSettings
 
-DENSE_FILE = "dense.pt"
+DENSE_FILE = "dense.pt"  # keep in step with workspace.DENSE_FILE
 
 
 @dataclass
@@ -45,23 +46,6 @@ def _user_module(module: ModuleType) -> bool:
     return "site-packages" not in path and "dist-packages" not in path
 
 
-@dataclass(frozen=True)
-class Live:
-    """Model and data given as Python objects (``autoprune.Search(model=..., train_data=...)``) instead of
-    the config's factories. Data may be DataLoaders (or any iterable of ``(inputs, targets)`` batches with
-    ``len``) or map-style datasets, batched with ``data.batch_size``."""
-
-    model: nn.Module | None = None
-    train_data: Any = None
-    val_data: Any = None
-
-    def __post_init__(self) -> None:
-        if self.model is not None and not isinstance(self.model, nn.Module):
-            raise ConfigError(f"argument 'model': expected a torch.nn.Module, got {type(self.model).__name__}")
-        if (self.train_data is None) != (self.val_data is None):
-            raise ConfigError("arguments 'train_data' and 'val_data': expected both or neither, got one")
-
-
 def _model_and_modules(config: SearchConfig, live: Live) -> tuple[nn.Module, list[ModuleType]]:
     if live.model is not None:
         return copy.deepcopy(live.model).eval(), []  # the caller's model is never changed
@@ -74,7 +58,7 @@ def _model_and_modules(config: SearchConfig, live: Live) -> tuple[nn.Module, lis
 def _loaders(config: SearchConfig, live: Live) -> tuple[tuple[Batches, Batches], list[ModuleType]]:
     if live.train_data is not None:
         batch_size = config.data.batch_size if config.data is not None else 64
-        loaders = tuple(_as_loader(data, batch_size, shuffle=which == "train")
+        loaders = tuple(as_loader(data, batch_size, shuffle=which == "train")
                         for which, data in (("train", live.train_data), ("val", live.val_data)))
         return check_loaders(loaders, "train_data/val_data"), []
     if config.data is None or config.data.factory is None:
@@ -84,7 +68,7 @@ def _loaders(config: SearchConfig, live: Live) -> tuple[tuple[Batches, Batches],
     return build_loaders(factory, config.data.kwargs, "data.factory"), [module]
 
 
-def _as_loader(data: Any, batch_size: int, *, shuffle: bool) -> Batches:
+def as_loader(data: Any, batch_size: int, *, shuffle: bool) -> Batches:
     """A map-style dataset (``__getitem__`` + ``__len__``, not already batches) becomes a DataLoader."""
     from torch.utils.data import DataLoader, Dataset
 
@@ -251,14 +235,5 @@ def _save_atomic(obj: object, path: Path) -> None:
 
 
 def trial_dir(config: SearchConfig, number: int) -> Path:
-    """Trial ``number``'s model files: ``<work_dir>/studies/<study>/trials/NNNNN`` (per study: several
-    studies in one work dir never share or overwrite each other's files)."""
+    """Trial ``number``'s model files (see :meth:`autoprune.workspace.Workspace.trial_dir`)."""
     return config.study_path / "trials" / f"{number:05d}"
-
-
-def dense_checkpoint(config: SearchConfig) -> Path | None:
-    """The file the dense model comes from: the configured checkpoint, or the one pre-trained for this study
-    (``<work_dir>/studies/<study>/dense.pt``)."""
-    return config.checkpoint_path if config.model.pretrain is None else config.study_path / DENSE_FILE
-
-

@@ -17,16 +17,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import model_files
 from .config import SearchConfig
 from .errors import ConfigError, StorageError
-from .inputs import Inputs, Live, build_inputs, dense_checkpoint, ensure_dense, trial_dir
+from .live import Live
 from .retry import safe_url, sqlite_file
+
+DENSE_FILE = "dense.pt"
 
 if TYPE_CHECKING:
     import optuna
     from torch import nn
 
+    from .inputs import Inputs
     from .tracking import Tracker
 
 
@@ -44,21 +46,31 @@ class Workspace:
     def inputs(self) -> Inputs:
         """Model, data, space and trial settings, built (and checked) on first use."""
         if self._inputs is None:
+            from .inputs import build_inputs
+
             self._inputs = build_inputs(self.config, self.live)
         return self._inputs
 
     def dense(self) -> nn.Module:
         """The trained dense model (pre-trained once per study when the config says so)."""
         if self._dense is None:
+            from .inputs import ensure_dense
+
             self._dense = ensure_dense(self.config, self.inputs)
         return self._dense
 
     # ---- files ----
     def trial_dir(self, number: int) -> Path:
-        return trial_dir(self.config, number)
+        """Trial ``number``'s model files: ``<work_dir>/studies/<study>/trials/NNNNN``."""
+        return self.config.study_path / "trials" / f"{number:05d}"
 
     def dense_checkpoint(self) -> Path | None:
-        return dense_checkpoint(self.config)
+        """The file the dense model comes from: the configured checkpoint, or the one pre-trained for this study."""
+        return self.config.checkpoint_path if self.config.model.pretrain is None else self.dense_file
+
+    @property
+    def dense_file(self) -> Path:
+        return self.config.study_path / DENSE_FILE
 
     @property
     def artifact_location(self) -> str | None:
@@ -97,11 +109,14 @@ class Workspace:
         if not trials:
             raise ConfigError(f"option '--trial': study {self.config.study.name!r} in "
                               f"{safe_url(self.config.storage_url)} has no trial {number} (see 'autoprune front')")
-        return dict(trials[0].user_attrs.get(model_files.FILES_ATTR) or {})
+        from .model_files import FILES_ATTR
+
+        return dict(trials[0].user_attrs.get(FILES_ATTR) or {})
 
     def load_trial_model(self, number: int, study: optuna.Study | None = None) -> nn.Module:
         """The pruned, fine-tuned model of trial ``number``, after checking its files against the digests the
         study stored (a skeleton planted in the work dir would run code when unpickled)."""
+        from . import model_files
         from .model_io import import_factory
 
         expected = self.trial_digests(number, study)

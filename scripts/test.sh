@@ -14,4 +14,4 @@ install_chromium
 
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled
 $BIN/ruff check .
-$BIN/pytest -q -ra "$@"
+$BIN/pytest -q -ra --durations=25 "$@"

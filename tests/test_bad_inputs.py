@@ -304,7 +304,7 @@ def test_query_string_passwords_are_masked() -> None:
 
 
 def test_ui_keeps_the_store_uri_off_the_command_line(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import autoprune.cli
+    import autoprune.cli.inspect
     import autoprune.tracking
 
     uri = "postgresql+psycopg://bob:hunter2@127.0.0.1:5432/mlflow?password=hunter3"
@@ -314,7 +314,7 @@ def test_ui_keeps_the_store_uri_off_the_command_line(project: Path, monkeypatch:
         started.update(path=path, argv=argv, env=env)
 
     monkeypatch.setattr(os, "execve", execve)
-    monkeypatch.setattr(autoprune.cli, "_port_free", lambda port: True)
+    monkeypatch.setattr(autoprune.cli.inspect, "_port_free", lambda port: True)
     monkeypatch.setattr(autoprune.tracking, "find_parent", lambda *args: None)
     result = invoke("ui", project, *sets(f"tracking.uri={uri}"))
     assert result.exit_code == 0, result.output

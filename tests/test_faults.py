@@ -38,7 +38,16 @@ from optuna.trial import TrialState
 from autoprune.config import load_config
 from autoprune.drivers import driver_gone, driver_records
 from autoprune.search import run_search
-from autoprune.study import DRIVER_ATTR, REASON_ATTR, RETRY_OF_ATTR, STALE_ATTR, WORKER_ATTR, counted_trials
+from autoprune.study import (
+    DRIVER_ATTR,
+    FAILURE_KIND_ATTR,
+    REASON_ATTR,
+    RETRY_OF_ATTR,
+    STALE_ATTR,
+    TRACEBACK_ATTR,
+    WORKER_ATTR,
+    counted_trials,
+)
 
 FAST = ["study.sampler=random", "model.pretrain.epochs=2", "finetune.epochs=1", "latency.rounds=1",
         "data.factory=faultmod:make_loaders"]
@@ -117,6 +126,9 @@ def test_raising_trial_fails_and_killed_workers_are_retried_then_failed(tiny_pro
     assert "RuntimeError: injected failure in attempt 0" in trials[0].user_attrs[REASON_ATTR]
     assert trials[2].user_attrs[REASON_ATTR].startswith("WorkerCrashedError")
     assert "(attempts: 2)" in trials[2].user_attrs[REASON_ATTR]
+    assert [trials[0].user_attrs[FAILURE_KIND_ATTR], trials[2].user_attrs[FAILURE_KIND_ATTR]] == ["user_code",
+                                                                                                  "worker_lost"]
+    assert "in __iter__" in trials[0].user_attrs[TRACEBACK_ATTR]  # the worker's traceback, through Ray
     assert trials[1].user_attrs[WORKER_ATTR]["worker_pid"] == pids[2]  # the retry's worker gave the result
     assert trials[3].user_attrs[WORKER_ATTR]["worker_pid"] == pids[5]
     assert (summary.completed, summary.failed) == (2, 2)
@@ -203,18 +215,18 @@ def test_postgres_outage_mid_search(tiny_project: Path, tmp_path: Path) -> None:
         overrides = [*FAST, f"study.n_trials={n_trials}", "execution.parallel=1", f"study.storage={urls['optuna']}",
                      f"tracking.uri={urls['mlflow']}", f"study.db_url={urls['db']}"]
         config = load_config(tiny_project, overrides)
-        driver = Driver("run", ["run", str(tiny_project), *_sets(overrides)], tmp_path, AUTOPRUNE_HEARTBEAT_S="1")
+        gate = tmp_path / "gate"
+        driver = Driver("run", ["run", str(tiny_project), *_sets(overrides)], tmp_path, AUTOPRUNE_HEARTBEAT_S="1",
+                        AUTOPRUNE_CRASH_AT="trial.submitted:2:WAIT", AUTOPRUNE_CRASH_GATE=str(gate))
         try:
-            def mid_trial() -> bool:
+            def held_after_submitting_trial_1() -> bool:  # the driver holds right after handing trial 1 to Ray
                 if driver.proc.poll() is not None:
                     raise AssertionError(f"driver exited early\n{driver.output()}")
-                trials = _trials(config.storage_url)
-                running = [t for t in trials if t.state == TrialState.RUNNING and t.number >= 1]
-                # a trial runs (the driver waits on Ray, not in the middle of MLflow logging)
-                return any(time.time() - t.datetime_start.timestamp() > 0.5 for t in running)
+                return any(t.number == 1 and t.state == TrialState.RUNNING for t in _trials(config.storage_url))
 
-            wait_for(mid_trial, timeout=240, interval=0.1, what="trial 1 running")
+            wait_for(held_after_submitting_trial_1, timeout=240, interval=0.1, what="trial 1 running")
             pg_ctl("stop", "-m", "fast")
+            gate.touch()  # the driver goes on into the outage: heartbeats every 1 s, trial 1's result in 2.5 s
             time.sleep(3)
             pg_ctl("start")
             assert driver.wait(timeout=300) == 0, driver.output()
@@ -236,17 +248,32 @@ def test_two_drivers_share_one_postgres_study(tiny_project: Path, tmp_path: Path
     """'run' on one driver, 'resume' on a second while the first works: n_trials in all, each trial run
     by exactly one driver and logged to MLflow (on PostgreSQL too) once."""
     n_trials = 6
-    write_fault_module(tiny_project.parent, ["slow"], slow_s=4.0)
+    write_fault_module(tiny_project.parent, ["slow"], slow_s=1.0)
     with stores("postgres", tmp_path) as urls:
         overrides = [*FAST, f"study.n_trials={n_trials}", "execution.parallel=1", f"study.storage={urls['optuna']}",
                      f"tracking.uri={urls['mlflow']}", f"study.db_url={urls['db']}"]
         config = load_config(tiny_project, overrides)
-        first = Driver("first", ["run", str(tiny_project), *_sets(overrides)], tmp_path)
+        gate = tmp_path / "gate"
+        # the first driver holds after handing its second trial to Ray until the second driver runs one:
+        # both drivers run trials, whatever the machine's speed
+        first = Driver("first", ["run", str(tiny_project), *_sets(overrides)], tmp_path,
+                       AUTOPRUNE_CRASH_AT="trial.submitted:2:WAIT", AUTOPRUNE_CRASH_GATE=str(gate))
         second = None
         try:
-            wait_for(lambda: any(t.state == TrialState.RUNNING for t in _trials(config.storage_url)), timeout=240,
-                     interval=0.3, what="the first driver's first trial")
+            wait_for(lambda: any(t.number == 1 and t.state == TrialState.RUNNING for t in _trials(config.storage_url)),
+                     timeout=240, interval=0.3, what="the first driver's second trial")
             second = Driver("second", ["resume", str(tiny_project), *_sets(overrides)], tmp_path)
+
+            def second_runs_a_trial() -> bool:
+                if second.proc.poll() is not None:
+                    raise AssertionError(f"second driver exited early\n{second.output()}")
+                trials = _trials(config.storage_url)
+                owners = {t.user_attrs.get(DRIVER_ATTR) for t in trials if t.number in (0, 1)}
+                return any(t.state == TrialState.RUNNING and t.user_attrs.get(DRIVER_ATTR) not in owners
+                           for t in trials)
+
+            wait_for(second_runs_a_trial, timeout=240, interval=0.3, what="the second driver's first trial")
+            gate.touch()
             assert first.wait(timeout=300) == 0, first.output()
             assert second.wait(timeout=300) == 0, second.output()
         finally:
