@@ -96,6 +96,7 @@ import copy
 import hashlib
 import io
 import os
+import pickle
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -272,7 +273,16 @@ def _atomic_torch_save(obj: object, path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except (pickle.PicklingError, AttributeError, TypeError) as exc:
+            # A class defined in a notebook or script (``__main__``) cannot be pickled by reference where it
+            # is not importable (a Ray worker): cloudpickle stores such classes by value, others by reference.
+            try:
+                import cloudpickle
+            except ImportError:
+                raise exc from None
+            torch.save(obj, tmp, pickle_module=cloudpickle)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

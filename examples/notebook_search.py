@@ -85,4 +85,5 @@ def main(work_dir: str = "runs/notebook", n_trials: int = 6, backend: str = "ray
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2], backend=os.environ.get("AUTOPRUNE_EXAMPLE_BACKEND", "ray"))
+    args = sys.argv[1:]  # [work_dir [n_trials]]
+    main(*args[:1], *[int(n) for n in args[1:2]], backend=os.environ.get("AUTOPRUNE_EXAMPLE_BACKEND", "ray"))

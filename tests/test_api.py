@@ -145,11 +145,11 @@ def test_notebook_example_on_a_local_ray(tmp_path: Path) -> None:
     """examples/notebook_search.py as a user runs it: the model class lives in ``__main__`` and reaches the
     Ray workers through the object store."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, str(REPO / "examples" / "notebook_search.py"), str(tmp_path / "nb")],
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "notebook_search.py"), str(tmp_path / "nb"), "4"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-    assert "6 complete, 0 failed" in proc.stdout
+    assert "4 complete, 0 failed" in proc.stdout
     assert "smallest front model: trial" in proc.stdout and "test accuracy" in proc.stdout
     study = optuna.load_study(study_name="notebook", storage=f"sqlite:///{tmp_path / 'nb' / 'optuna.db'}")
     workers = {t.user_attrs["autoprune.worker"]["worker_pid"] for t in study.trials}
-    assert os.getpid() not in workers and len(study.trials) == 6
+    assert os.getpid() not in workers and len(study.trials) == 4

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -117,21 +116,24 @@ def test_run_front_resume_export(tiny_project: Path, tmp_path: Path) -> None:
         (["study.storage=postgresql+psycopg://u:secret@127.0.0.1:1/nodb"], "field 'study.storage': cannot connect"),
     ],
 )
-def test_bad_input_exits_2_with_one_message(tiny_project: Path, tmp_path: Path, overrides: list[str],
-                                            expected: str) -> None:
+def test_bad_input_exits_2_with_one_message(tiny_project: Path, overrides: list[str], expected: str) -> None:
+    """In-process (Typer's runner): one line on stderr, exit 2, no traceback, no password, nothing written."""
+    from typer.testing import CliRunner
+
+    from autoprune.cli import app
+
     args = ["run", str(tiny_project)]
     for item in overrides:
         args += ["--set", item]
-    proc = cli(*args, cwd=tmp_path, check=False)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert expected in proc.stderr
-    assert "Traceback" not in proc.stderr and "secret" not in proc.stderr
-    db = tiny_project.parent / "work" / "optuna.db"
-    if db.exists():  # nothing half-written: no study was created
-        with sqlite3.connect(db) as conn:
-            tables = {r[0] for r in conn.execute("select name from sqlite_master")}
-            if "studies" in tables:
-                assert conn.execute("select count(*) from studies").fetchone()[0] == 0
+    try:
+        result = CliRunner().invoke(app, args)
+    finally:
+        sys.modules.pop("tinymod", None)
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.output and "secret" not in result.output
+    assert not (tiny_project.parent / "work").exists()  # checked before anything is written
 
 
 def test_bad_checkpoint_is_named(tiny_project: Path, tmp_path: Path) -> None:
