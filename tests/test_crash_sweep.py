@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import textwrap
 from pathlib import Path
 
@@ -243,3 +244,32 @@ def test_crash_spec_is_checked() -> None:
         with pytest.raises(ValueError, match=ENV):
             parse(bad)
     os.environ.pop(ENV, None)
+
+
+def test_resume_reports_missing_model_files_and_drops_runs_of_unknown_trials(
+        empty_stores: Path, dense_checkpoint: Path, tmp_path: Path) -> None:
+    """What resume finds that no crash point leaves (files deleted by hand, a run logged for a trial the study
+    does not have) is repaired or reported in one line each, never a traceback."""
+    from autoprune.config import load_config
+    from autoprune.search import run_search
+    from autoprune.workspace import Workspace
+
+    config = load_config(_project(tmp_path, dense_checkpoint, empty_stores), ["tracking.log_models=false"])
+    try:
+        first = run_search(config)
+        workspace = Workspace(config)
+        for path in workspace.trial_dir(1).iterdir():
+            path.unlink()
+        client = MlflowClient(config.tracking_uri)
+        experiment = client.get_experiment_by_name("sweep").experiment_id
+        stray = client.create_run(experiment, tags={"mlflow.parentRunId": first.parent_run_id,
+                                                    "autoprune.trial": "99", "autoprune.role": "trial"})
+        client.set_terminated(stray.info.run_id)
+        summary = run_search(load_config(config.base_dir / "search.yaml", ["tracking.log_models=false",
+                                                                             "study.n_trials=4"]), resume=True)
+    finally:
+        sys.modules.pop("tinymod", None)
+    assert summary.completed == 4
+    assert any("trials [99]" in line for line in summary.notices), summary.notices
+    assert any("complete trials [1] have no model files" in line for line in summary.notices), summary.notices
+    assert client.get_run(stray.info.run_id).info.lifecycle_stage == "deleted"
