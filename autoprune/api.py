@@ -48,6 +48,8 @@ class TrialRecord:
     size_bytes: int | None = None
     latency_ms: float | None = None
     accuracy_drop: float | None = None
+    test_accuracy: float | None = None
+    """On the test split (``test_data``, or the data factory's third loader); None without one."""
     params: int | None = None
     nonzero_params: int | None = None
     macs: int | None = None
@@ -71,7 +73,7 @@ class Search:
                  train_data: Any = None, val_data: Any = None, test_data: Any = None,
                  overrides: Sequence[str] = ()) -> None:
         self.config = _resolve(config, list(overrides))
-        self._live = Live(model, train_data, val_data)
+        self._live = Live(model, train_data, val_data, test_data)
         self.test_data = test_data
         self._workspace = Workspace(self.config, self._live)
 

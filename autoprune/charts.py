@@ -31,6 +31,8 @@ class Point:
     param_sparsity: float | None = None
     baseline: str | None = None  # enqueued on purpose, e.g. "uniform l1_unstructured 0.5"
     plan: str = ""  # one-line plan summary
+    test_accuracy: float | None = None  # on the test split, when the data give one (never selected on)
+    feasible: bool = True  # within space.constraints (an infeasible trial is never on the front)
 
     @property
     def on_front(self) -> bool:
@@ -65,9 +67,11 @@ def _pct(value: float, dense: float) -> str:
 
 
 def _hover(p: Point, dense: DenseBaseline) -> str:
-    role = "Pareto front" if p.on_front else f"dominated (rank {p.rank})"
+    role = ("Pareto front" if p.on_front else f"dominated (rank {p.rank})" if p.feasible
+            else "infeasible (over a space.constraints limit)")
     lines = [f"<b>trial {p.trial}</b> - {role}" + (f" - baseline: {p.baseline}" if p.baseline else ""),
-             f"accuracy {p.accuracy:.4f}" + (f" (drop {p.accuracy_drop:+.4f})" if p.accuracy_drop is not None else ""),
+             f"accuracy {p.accuracy:.4f}" + (f" (drop {p.accuracy_drop:+.4f})" if p.accuracy_drop is not None else "")
+             + (f", test accuracy {p.test_accuracy:.4f}" if p.test_accuracy is not None else ""),
              f"size {p.size_bytes:,} B ({_pct(p.size_bytes, dense.size_bytes)} of dense)",
              f"latency {p.latency_ms:.4f} ms ({_pct(p.latency_ms, dense.latency_ms)} of dense)"]
     if p.param_sparsity is not None:
@@ -242,8 +246,9 @@ BUDGETS = (0.25, 0.5, 0.75, 1.0)
 
 def best_within(points: Sequence[Point], size_bytes: float = float("inf"),
                 latency_ms: float = float("inf"), exclude: int | None = None) -> Point | None:
-    """The most accurate trial at most ``size_bytes`` and ``latency_ms`` (ties: smaller, then faster)."""
-    fits = [p for p in points if p.trial != exclude and p.size_bytes <= size_bytes and p.latency_ms <= latency_ms]
+    """The most accurate feasible trial at most ``size_bytes`` and ``latency_ms`` (ties: smaller, then faster)."""
+    fits = [p for p in points if p.trial != exclude and p.feasible and p.size_bytes <= size_bytes
+            and p.latency_ms <= latency_ms]
     return min(fits, key=lambda p: (-p.accuracy, p.size_bytes, p.latency_ms, p.trial)) if fits else None
 
 
@@ -251,7 +256,7 @@ def _cells(p: Point | None, dense: DenseBaseline) -> list[str]:
     if p is None:
         return ["none fits", "", "", "", ""]
     return [str(p.trial) + (" (baseline)" if p.baseline else ""), f"{p.accuracy:.4f}",
-            f"{p.accuracy - dense.accuracy:+.4f}", _pct(p.size_bytes, dense.size_bytes),
+            f"{p.accuracy - dense.reference_accuracy:+.4f}", _pct(p.size_bytes, dense.size_bytes),
             _pct(p.latency_ms, dense.latency_ms)]
 
 
@@ -276,6 +281,7 @@ def summary_markdown(study: str, points: Sequence[Point], dense: DenseBaseline, 
         f"Dense model: accuracy {dense.accuracy:.4f}, size {dense.size_bytes:,} B, latency "
         f"{dense.latency_ms:.4f} ms, {dense.params:,} parameters, {dense.macs:,} MACs.",
         "",
+        *_accuracy_notes(points, dense),
         "Files: `pareto_front.html` (interactive chart), `pareto_front.png`, `pareto_front.csv`, "
         "`pareto_front.json`. Trials on the front carry the tag `pareto=true` and an MLflow model.",
         "",
@@ -290,7 +296,7 @@ def summary_markdown(study: str, points: Sequence[Point], dense: DenseBaseline, 
     lines += _table(["latency at most", *header],
                     [[f"{100 * f:.0f}% of dense ({f * dense.latency_ms:.4f} ms)",
                       *_cells(best_within(points, latency_ms=f * dense.latency_ms), dense)] for f in BUDGETS])
-    lines += ["", "## Baselines (uniform sparsity, and seeds)", ""]
+    lines += ["", "## Baselines (simple rules: uniform, global magnitude, global structured; and seeds)", ""]
     if baselines:
         rows = []
         for b in sorted(baselines, key=lambda p: p.trial):
@@ -304,8 +310,44 @@ def summary_markdown(study: str, points: Sequence[Point], dense: DenseBaseline, 
     else:
         lines.append("None in this study (set `study.baselines`, e.g. `[0.25, 0.5, 0.75]`).")
     lines += ["", "## The front", ""]
-    lines += _table(["trial", "accuracy", "vs dense", "size (B)", "size", "latency (ms)", "latency", "plan"],
+    tested = any(p.test_accuracy is not None for p in points)
+
+    def test_cell(p: Point) -> list[str]:
+        return [f"{p.test_accuracy:.4f}" if p.test_accuracy is not None else ""] if tested else []
+
+    lines += _table(["trial", "accuracy", "vs dense", *(["test accuracy"] if tested else []), "size (B)", "size",
+                     "latency (ms)", "latency", "plan"],
                     [[str(p.trial) + (" (baseline)" if p.baseline else ""), f"{p.accuracy:.4f}",
-                      f"{p.accuracy - dense.accuracy:+.4f}", f"{p.size_bytes:,}", _pct(p.size_bytes, dense.size_bytes),
-                      f"{p.latency_ms:.4f}", _pct(p.latency_ms, dense.latency_ms), p.plan] for p in front])
+                      f"{p.accuracy - dense.reference_accuracy:+.4f}", *test_cell(p), f"{p.size_bytes:,}",
+                      _pct(p.size_bytes, dense.size_bytes), f"{p.latency_ms:.4f}",
+                      _pct(p.latency_ms, dense.latency_ms), p.plan] for p in front])
     return "\n".join(lines) + "\n"
+
+
+NO_TEST_SPLIT = "accuracy is validation accuracy; the front was selected on it (no test split given)"
+
+
+def _accuracy_notes(points: Sequence[Point], dense: DenseBaseline) -> list[str]:
+    """What the accuracies mean: the split they come from, the reference of drops, infeasible trials."""
+    notes = []
+    if any(p.test_accuracy is not None for p in points) or dense.test_accuracy is not None:
+        line = ("Accuracy is validation accuracy, the split the front was selected on; **test accuracy** (front "
+                "table) is measured on the held-out test split, never used to select")
+        if dense.test_accuracy is not None:
+            line += f" (dense model: {dense.test_accuracy:.4f}"
+            if dense.finetuned_test_accuracy is not None:
+                line += f", fine-tuned: {dense.finetuned_test_accuracy:.4f}"
+            line += ")"
+        notes.append(line + ".")
+    else:
+        notes.append(f"Note: {NO_TEST_SPLIT}.")
+    if dense.finetuned_accuracy is not None:
+        notes.append(f"Dense model fine-tuned with the trials' budget (nothing pruned): accuracy "
+                     f"{dense.finetuned_accuracy:.4f}. Accuracy drops and 'vs dense' are measured against the "
+                     f"better of the two ({dense.reference_accuracy:.4f}), so extra training is not counted as "
+                     "recovery.")
+    infeasible = sum(1 for p in points if not p.feasible)
+    if infeasible:
+        notes.append(f"{infeasible} complete trial(s) are infeasible (over a `space.constraints` limit): never on "
+                     "the front nor in the budget tables.")
+    return [line for note in notes for line in (note, "")]

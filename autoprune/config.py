@@ -23,6 +23,8 @@ from .errors import ConfigError
 SAMPLERS = ("tpe", "nsga2", "nsga3", "random", "qmc", "gp")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEFAULT_BASELINES = (0.25, 0.5, 0.75)
+BASELINE_RULES = ("uniform", "global_magnitude", "global_structured")
+"""The baseline rules a study can hold (``study.baseline_rules``; :mod:`autoprune.baselines`)."""
 
 
 class _Strict(BaseModel):
@@ -39,6 +41,10 @@ class StudyConfig(_Strict):
     baselines: list[float] | None = None
     """Uniform sparsities enqueued first, with the first configured method, as trivial baselines;
     default: those of 0.25, 0.5 and 0.75 inside ``space.sparsity``; ``[]`` for none."""
+    baseline_rules: list[str] = Field(default_factory=lambda: list(BASELINE_RULES))
+    """Rules applied at each of ``baselines`` (see :mod:`autoprune.baselines`): ``uniform``,
+    ``global_magnitude`` (needs an unstructured method), ``global_structured`` (needs a channel method);
+    default: all of them, each where it applies."""
     db_url: str | None = None
     """autoprune's own database (registry of searches); default: ``sqlite:///<work_dir>/autoprune.db``."""
 
@@ -49,6 +55,16 @@ class StudyConfig(_Strict):
         if value == "." or ".." in value:
             raise ValueError(f"expected a name usable as a directory name (letters, digits, '_', '-', '.'; "
                              f"not '.' and without '..'), got {value!r}")
+        return value
+
+    @field_validator("baseline_rules")
+    @classmethod
+    def _known_rules(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in BASELINE_RULES]
+        if unknown:
+            raise ValueError(f"unknown baseline rule {unknown[0]!r}; known rules: {', '.join(BASELINE_RULES)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"expected each rule once, got {value}")
         return value
 
 
@@ -113,6 +129,19 @@ class SparsityRange(_Strict):
         return self
 
 
+class ConstraintsConfig(_Strict):
+    """Limits a trial must meet to be feasible (None: no limit). Infeasible trials stay in the study, are
+    never on the front, and the sampler steers away from them (Optuna's ``Trial.set_constraint``)."""
+
+    max_accuracy_drop: float | None = Field(None, ge=0.0, le=1.0)
+    """Largest ``accuracy_drop`` (absolute: 0.01 = one point) against the better of the dense model and
+    the dense model fine-tuned with the trials' budget."""
+    max_size_fraction: float | None = Field(None, gt=0.0)
+    """Largest size on disk as a fraction of the dense model's."""
+    max_latency_fraction: float | None = Field(None, gt=0.0)
+    """Largest latency as a fraction of the dense model's."""
+
+
 class SpaceConfig(_Strict):
     methods: list[str] = Field(default_factory=lambda: ["l1_unstructured"], min_length=1)
     include: list[str] = Field(default_factory=lambda: ["*"])
@@ -139,6 +168,8 @@ class SpaceConfig(_Strict):
     """The rewind point: weights after this many epochs of ``model.pretrain`` (0: initial weights)."""
     rewind_checkpoint: Path | None = None
     """Early weights as a state_dict (instead of ``rewind_epoch``; needed with ``model.checkpoint``)."""
+    constraints: ConstraintsConfig = ConstraintsConfig()
+    """Feasibility limits on accuracy drop, size and latency (see :class:`ConstraintsConfig`)."""
 
     @field_validator("schedules")
     @classmethod
@@ -175,6 +206,22 @@ class SpaceConfig(_Strict):
         return value
 
 
+class DistillConfig(_Strict):
+    weight: float = Field(0.5, ge=0.0, le=1.0)
+    """``loss = (1 - weight) * task loss + weight * distillation loss``."""
+    temperature: float = Field(4.0, gt=0.0)
+    """Softmax temperature T of the distillation term ``T^2 * KL`` (classification; MSE to the dense model's
+    outputs with a user ``model.loss``)."""
+
+
+class ScreeningConfig(_Strict):
+    enabled: bool = False
+    min_accuracy_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    """A plan whose accuracy right after pruning is below this fraction of the dense accuracy is screened out."""
+    short_fraction: float = Field(0.25, ge=0.0, lt=1.0)
+    """Fraction of the fine-tuning steps a screened-out plan gets (0: none)."""
+
+
 class FinetuneConfig(_Strict):
     epochs: int = Field(1, ge=0)
     optimizer: Literal[OPTIMIZERS] = "adam"  # type: ignore[valid-type]
@@ -182,6 +229,14 @@ class FinetuneConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_batches: int | None = Field(None, ge=1)
+    lr_schedule: Literal["constant", "cosine", "onecycle"] = "constant"
+    """Learning rate over each fine-tuning run, stepped per batch: constant, cosine decay to 0, or one-cycle."""
+    distill: DistillConfig | None = None
+    """Knowledge distillation from the dense model while fine-tuning; None: plain task loss."""
+    bn_recalibration_batches: int = Field(4, ge=0)
+    """Training batches to re-estimate BatchNorm statistics with after pruning, before fine-tuning (0: off);
+    4 by benchmarks/recovery.py (better after 1 epoch, the same after 2)."""
+    screening: ScreeningConfig = ScreeningConfig()
 
 
 class LatencyConfig(_Strict):
@@ -388,7 +443,7 @@ def config_from_mapping(raw: Mapping[str, Any], base_dir: str | Path, overrides:
 
 
 ALWAYS_CHANGEABLE = ("study.n_trials", "study.storage", "study.db_url", "execution.", "tracking.uri",
-                     "tracking.log_models", "study.baselines", "space.sensitivity_bounds",
+                     "tracking.log_models", "study.baselines", "study.baseline_rules", "space.sensitivity_bounds",
                      "space.sensitivity_margin")
 """Config fields a resume may change freely: how long and where the search runs, not what it searches
 (baselines and sensitivity caps are read only when the study is created)."""

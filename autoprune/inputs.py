@@ -23,7 +23,7 @@ from .model_io import build_loaders, build_model, check_loaders, import_factory,
 from .space import SearchSpace, find_head
 from .task_check import check_task
 from .training import TrainSettings, train
-from .trial import Batches, TrialSettings
+from .trial import Batches, Screening, TrialSettings
 
 DENSE_FILE = "dense.pt"  # keep in step with workspace.DENSE_FILE
 
@@ -38,6 +38,8 @@ class Inputs:
     space: SearchSpace
     settings: TrialSettings
     modules: list[ModuleType]
+    test_loader: Batches | None = None
+    """The data's held-out test split (a third loader from the factory, or ``Search(test_data=...)``)."""
 
 
 def _user_module(module: ModuleType) -> bool:
@@ -55,17 +57,23 @@ def _model_and_modules(config: SearchConfig, live: Live) -> tuple[nn.Module, lis
     return build_model(factory, config.model.kwargs, "model.factory"), [module]
 
 
-def _loaders(config: SearchConfig, live: Live) -> tuple[tuple[Batches, Batches], list[ModuleType]]:
+def _loaders(config: SearchConfig, live: Live) -> tuple[tuple[Batches, Batches, Batches | None], list[ModuleType]]:
+    """``(train, val, test or None)`` and the modules they came from; a live ``test_data`` (given to
+    ``autoprune.Search``) is the test split, also beside a data factory (it takes the factory's place)."""
+    batch_size = config.data.batch_size if config.data is not None else 64
+    test = None if live.test_data is None else as_loader(live.test_data, batch_size, shuffle=False)
     if live.train_data is not None:
-        batch_size = config.data.batch_size if config.data is not None else 64
         loaders = tuple(as_loader(data, batch_size, shuffle=which == "train")
                         for which, data in (("train", live.train_data), ("val", live.val_data)))
-        return check_loaders(loaders, "train_data/val_data"), []
+        return check_loaders((*loaders, test), "train_data/val_data/test_data"), []
     if config.data is None or config.data.factory is None:
         raise ConfigError("field 'data.factory': required unless the data are given "
                           "(autoprune.Search(train_data=..., val_data=...))")
     factory, module = import_factory(config.data.factory, config.base_dir, "data.factory")
-    return build_loaders(factory, config.data.kwargs, "data.factory"), [module]
+    train, val, factory_test = build_loaders(factory, config.data.kwargs, "data.factory")
+    if test is not None:
+        check_loaders((train, val, test), "test_data")
+    return (train, val, test if test is not None else factory_test), [module]
 
 
 def as_loader(data: Any, batch_size: int, *, shuffle: bool) -> Batches:
@@ -86,7 +94,7 @@ def build_inputs(config: SearchConfig, live: Live | None = None) -> Inputs:
             for key in ("loss", "metric") if (spec := getattr(config.model, key)) is not None}
     torch.manual_seed(config.study.seed)  # the same initial weights in every process, so pre-training repeats
     model, model_modules = _model_and_modules(config, live)
-    (train_loader, val_loader), data_modules = _loaders(config, live)
+    (train_loader, val_loader, test_loader), data_modules = _loaders(config, live)
     if config.checkpoint_path is not None:
         load_checkpoint(model, config.checkpoint_path)
     loss_fn = task["loss"][0] if "loss" in task else None
@@ -96,7 +104,7 @@ def build_inputs(config: SearchConfig, live: Live | None = None) -> Inputs:
     if head not in dict(model.named_modules()):
         raise ConfigError(f"field 'space.head': no module named {head!r} in the model")
     settings = TrialSettings(
-        finetune=TrainSettings(**config.finetune.model_dump(), loss_fn=loss_fn),
+        finetune=finetune_settings(config, loss_fn),
         protected=frozenset({head}),
         latency_batch=config.latency.batch_size,
         latency_threads=config.latency.threads,
@@ -108,6 +116,9 @@ def build_inputs(config: SearchConfig, live: Live | None = None) -> Inputs:
         seed=config.study.seed,
         rewind_state=_rewind_checkpoint_state(config, model),
         metric_fn=metric_fn,
+        test_loader=test_loader,
+        bn_recalibration_batches=config.finetune.bn_recalibration_batches,
+        screening=_screening(config),
     )
     example = next(iter(val_loader))[0][:1]
     context = PruneContext(example_inputs=example, protected=settings.protected,
@@ -120,7 +131,23 @@ def build_inputs(config: SearchConfig, live: Live | None = None) -> Inputs:
                                    iterative_rounds=config.space.iterative_rounds, rewind=config.space.rewind)
     candidates = (*model_modules, *data_modules, *(module for _, module in task.values()))
     modules = list({m.__name__: m for m in candidates if _user_module(m)}.values())
-    return Inputs(model, train_loader, val_loader, space, settings, modules)
+    return Inputs(model, train_loader, val_loader, space, settings, modules, test_loader)
+
+
+def finetune_settings(config: SearchConfig, loss_fn: Any = None) -> TrainSettings:
+    """The per-trial fine-tuning settings of ``config.finetune`` (distillation unpacked)."""
+    ft = config.finetune
+    plain = ft.model_dump(exclude={"distill", "bn_recalibration_batches", "screening"})
+    distill = {} if ft.distill is None else {"distill_weight": ft.distill.weight,
+                                             "distill_temperature": ft.distill.temperature}
+    return TrainSettings(**plain, **distill, loss_fn=loss_fn)
+
+
+def _screening(config: SearchConfig) -> Screening | None:
+    screening = config.finetune.screening
+    if not screening.enabled:
+        return None
+    return Screening(min_accuracy_fraction=screening.min_accuracy_fraction, short_fraction=screening.short_fraction)
 
 
 def fingerprint(inputs: Inputs) -> dict[str, Any]:
@@ -132,6 +159,7 @@ def fingerprint(inputs: Inputs) -> dict[str, Any]:
         "train_batches": _length(inputs.train_loader),
         "val_batches": _length(inputs.val_loader),
         "batch": [list(getattr(x, "shape", [])), list(getattr(y, "shape", []))],
+        **({"test_batches": _length(inputs.test_loader)} if inputs.test_loader is not None else {}),
     }
 
 

@@ -20,6 +20,8 @@ class Live:
     model: nn.Module | None = None
     train_data: Any = None
     val_data: Any = None
+    test_data: Any = None
+    """Optional held-out data: each trial's ``test_accuracy`` is measured on it (never selected on)."""
 
     def __post_init__(self) -> None:
         if self.model is not None:

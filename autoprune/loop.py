@@ -23,7 +23,7 @@ from .execution import Executor, InProcessExecutor, RayExecutor, TrialPayload
 from .plan import Plan, TrialFailure
 from .report import StudyReport
 from .space import SearchSpace
-from .study import WORKER_ATTR, counted_trials, tell_failure, tell_success
+from .study import WORKER_ATTR, constraint_values, counted_trials, tell_failure, tell_success
 from .trial import TrialOutput
 from .workspace import Workspace
 
@@ -116,7 +116,9 @@ def loop(workspace: Workspace, study: optuna.Study, space: SearchSpace, executor
                 # the files' sha256, kept in the study: only these files are ever unpickled (export, report)
                 attrs[model_files.FILES_ATTR] = model_files.digests(outcome.weights, outcome.skeleton)
                 crash_point("trial.files_saved")
-                if not tell_success(study, trial, outcome.result, attrs):
+                over = constraint_values(outcome.result, report.baseline.size_bytes, report.baseline.latency_ms,
+                                         config.space.constraints.model_dump())  # <= 0: within space.constraints
+                if not tell_success(study, trial, outcome.result, attrs, over):
                     continue
                 front_size = report.trial_finished(study, number, plan, trial.user_attrs, outcome.result, None)
                 r = outcome.result

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -57,29 +57,34 @@ def build_model(factory: Callable[..., Any], kwargs: dict[str, Any], field: str)
 Loader = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
-def build_loaders(factory: Callable[..., Any], kwargs: dict[str, Any], field: str) -> tuple[Loader, Loader]:
-    """Call the data factory and check it returns ``(train_loader, val_loader)``
-    whose batches are ``(inputs, targets)`` tensors."""
+def build_loaders(factory: Callable[..., Any], kwargs: dict[str, Any],
+                  field: str) -> tuple[Loader, Loader, Loader | None]:
+    """Call the data factory and check it returns ``(train_loader, val_loader)`` or ``(train_loader,
+    val_loader, test_loader)`` whose batches are ``(inputs, targets)`` tensors; the test loader is None
+    when there is none."""
     try:
         loaders = factory(**kwargs)
     except Exception as exc:
         raise ConfigError(f"field {field!r}: calling the factory failed: {type(exc).__name__}: {exc}") from None
-    if not (isinstance(loaders, tuple | list) and len(loaders) == 2):
-        raise ConfigError(f"field {field!r}: expected the factory to return (train_loader, val_loader), "
-                          f"got {type(loaders).__name__}")
+    if not (isinstance(loaders, tuple | list) and len(loaders) in (2, 3)):
+        raise ConfigError(f"field {field!r}: expected the factory to return (train_loader, val_loader) or "
+                          f"(train_loader, val_loader, test_loader), got {type(loaders).__name__}")
     return check_loaders(loaders, field)
 
 
-def check_loaders(loaders: tuple[Loader, Loader] | list[Loader], field: str) -> tuple[Loader, Loader]:
-    """Check that the train and validation loaders yield ``(inputs, targets)`` tensor batches."""
-    for which, loader in zip(("train", "val"), loaders, strict=False):
+def check_loaders(loaders: Sequence[Loader | None], field: str) -> tuple[Loader, Loader, Loader | None]:
+    """Check that the train, validation (and test, if not None) loaders yield ``(inputs, targets)`` tensor
+    batches; returns ``(train, val, test or None)``."""
+    for which, loader in zip(("train", "val", "test"), loaders, strict=False):
+        if loader is None and which == "test":
+            continue
         batch = next(iter(loader), None)
         ok = (isinstance(batch, tuple | list) and len(batch) == 2
               and all(isinstance(t, torch.Tensor) for t in batch))
         if not ok:
             raise ConfigError(f"field {field!r}: expected {which} batches of (inputs, targets) tensors, "
                               f"got {type(batch).__name__}")
-    return loaders[0], loaders[1]
+    return loaders[0], loaders[1], (loaders[2] if len(loaders) > 2 else None)
 
 
 

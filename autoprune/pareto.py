@@ -23,8 +23,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .study import BASELINE_ATTR, STALE_ATTR
 
-FRONT_COLUMNS = ("trial", "accuracy", "accuracy_drop", "size_bytes", "latency_ms", "params",
+FRONT_COLUMNS = ("trial", "accuracy", "accuracy_drop", "test_accuracy", "size_bytes", "latency_ms", "params",
                  "nonzero_params", "macs", "param_sparsity")
+"""``accuracy`` is on the validation data (what the front is selected on); ``test_accuracy`` on the data's
+test split (empty without one)."""
 
 
 def _losses(trials: Sequence[FrozenTrial]) -> np.ndarray:
@@ -36,11 +38,33 @@ def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
+def violation(trial: FrozenTrial) -> float:
+    """How far a trial is over its ``space.constraints`` limits (sum of its positive constraint values,
+    as Optuna's samplers count it); 0 for a feasible trial or one without constraints."""
+    return float(sum(v for v in trial.constraints.values() if v > 0))
+
+
+def feasible(trial: FrozenTrial) -> bool:
+    return violation(trial) <= 0
+
+
 def ranks(trials: Sequence[FrozenTrial]) -> dict[int, int]:
-    """Trial number -> non-domination rank (0 = Pareto-optimal)."""
+    """Trial number -> non-domination rank (0 = Pareto-optimal).
+
+    Feasible trials are ranked among themselves; infeasible ones (over a ``space.constraints`` limit) come
+    after all of them, ordered by how far over they are, and are never on the front (rank >= 1, also
+    when no trial is feasible), as in Optuna's ``best_trials`` and constrained NSGA-II.
+    """
     if not trials:
         return {}
-    values = _fast_non_domination_rank(_losses(trials))
+    penalty = np.array([violation(t) for t in trials], dtype=float)
+    infeasible = penalty > 0
+    values = np.zeros(len(trials), dtype=int)
+    if (~infeasible).any():
+        values[~infeasible] = _fast_non_domination_rank(_losses([t for t in trials if violation(t) <= 0]))
+    if infeasible.any():
+        first = int(values[~infeasible].max()) + 1 if (~infeasible).any() else 1
+        values[infeasible] = first + _fast_non_domination_rank(penalty[infeasible][:, np.newaxis])
     return {t.number: int(r) for t, r in zip(trials, values, strict=True)}
 
 
@@ -95,7 +119,8 @@ def hypervolume(trials: Sequence[FrozenTrial], dense_size: float, dense_latency:
     """Hypervolume of the front in normalised space: accuracy in [0, 1], size and
     latency as fractions of the dense model's, reference point (accuracy 0,
     1.0x dense size, 1.0x dense latency). 1.0 would be a perfect, free model;
-    trials no smaller or no faster than the dense model add nothing."""
+    trials no smaller or no faster than the dense model add nothing, nor do infeasible trials."""
+    trials = [t for t in trials if feasible(t)]
     if not trials:
         return 0.0
     losses = _losses(trials) / np.array([1.0, dense_size, dense_latency])

@@ -194,7 +194,8 @@ class StudyReport:
             latency_ms=float(trial.values[2]), rank=rank, accuracy_drop=attrs.get("accuracy_drop"),
             param_sparsity=attrs.get("param_sparsity"),
             baseline=str(attrs[BASELINE_ATTR]) if BASELINE_ATTR in attrs else None,
-            plan=charts.plan_summary(plan) if plan is not None else "")
+            plan=charts.plan_summary(plan) if plan is not None else "",
+            test_accuracy=attrs.get("test_accuracy"), feasible=pareto.feasible(trial))
 
     def views(self, study: optuna.Study) -> Views:
         """The parent run's files: CSV, JSON, interactive HTML, PNG and Markdown summary."""
@@ -208,11 +209,13 @@ class StudyReport:
             p = by_number[row["trial"]]
             rows.append({**row, "baseline": p.baseline or "", "plan": p.plan})
         baselines = [{**pareto.trial_row(t), "baseline": by_number[t.number].baseline,
-                      "on_front": by_number[t.number].on_front} for t in trials if by_number[t.number].baseline]
+                      "on_front": by_number[t.number].on_front, "feasible": by_number[t.number].feasible}
+                     for t in trials if by_number[t.number].baseline]
         front_size = sum(1 for p in points if p.on_front)
         title = (f"{self.study_name}: {len(points)} complete trials, {front_size} on the Pareto front, "
                  f"hypervolume {hv:.4f}")
         document = {"study": self.study_name, "dense": asdict(self.baseline), "hypervolume": hv,
+                    "accuracy_split": "validation", "test_split": any(p.test_accuracy is not None for p in points),
                     "complete_trials": len(points), "failed_trials": failed, "front": rows, "baselines": baselines}
         files: dict[str, str | bytes] = {
             FRONT_CSV: pareto.to_csv(rows, CSV_COLUMNS),

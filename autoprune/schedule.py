@@ -232,6 +232,9 @@ class _Steps:
     def __init__(self, loader: Batches, steps: int, per_pass: int | None) -> None:
         self.loader, self.steps, self.per_pass = loader, steps, per_pass
 
+    def __len__(self) -> int:
+        return self.steps  # what a learning-rate schedule spans (an empty loader yields fewer)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         done = 0
         while done < self.steps:
@@ -251,14 +254,16 @@ def finetune(
     settings: TrainSettings,
     steps: int | None,
     masks: Mapping[str, torch.Tensor] | None,
+    teacher: nn.Module | None = None,
 ) -> None:
-    """Fine-tune with unstructured ``masks`` held; ``steps=None`` means ``settings.epochs`` epochs (one-shot)."""
+    """Fine-tune with unstructured ``masks`` held; ``steps=None`` means ``settings.epochs`` epochs (one-shot);
+    ``teacher`` (the dense model) for distillation when ``settings.distill_weight > 0``."""
     after_step = (lambda m: apply_masks(m, masks)) if masks else None
     if steps is None:
-        train(model, loader, settings, after_step=after_step)
+        train(model, loader, settings, after_step=after_step, teacher=teacher)
     elif steps > 0:
         train(model, _Steps(loader, steps, settings.max_batches), replace(settings, epochs=1, max_batches=None),
-              after_step=after_step)
+              after_step=after_step, teacher=teacher)
 
 
 def round_steps(loader: Batches, settings: TrainSettings, rounds: int) -> list[int | None]:

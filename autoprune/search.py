@@ -40,7 +40,7 @@ from .study import (
     record_config,
 )
 from .tracking import Tracker
-from .trial import DenseBaseline, measure_dense
+from .trial import DenseBaseline, measure_dense, measure_finetuned_dense
 from .workspace import Workspace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -50,15 +50,21 @@ def _dense_baseline(study: optuna.Study, dense: nn.Module, inputs: Inputs) -> De
     if stored:
         return DenseBaseline(**stored)
     baseline = measure_dense(dense, inputs.val_loader, inputs.settings)
+    baseline = measure_finetuned_dense(dense, inputs.train_loader, inputs.val_loader, inputs.settings, baseline)
     study.set_user_attr(DENSE_ATTR, asdict(baseline))
     crash_point("dense.measured")
     return baseline
 
 
-def _enqueue_baselines(study: optuna.Study, space: SearchSpace, sparsities: list[float], method: str) -> None:
-    for sparsity in sparsities:
-        study.enqueue_trial(space.uniform_params(sparsity, method),
-                            user_attrs={BASELINE_ATTR: f"uniform {method} {sparsity:g}"}, skip_if_exists=True)
+def _enqueue_baselines(study: optuna.Study, config: SearchConfig, inputs: Inputs, dense: nn.Module) -> None:
+    """The simple rules (``study.baseline_rules`` at ``study.baselines``) as the study's first trials."""
+    from .baselines import seed_trials
+    from .trial import make_context
+
+    context = make_context((), inputs.settings, next(iter(inputs.val_loader))[0][:1])
+    for label, params in seed_trials(inputs.space, dense, context, config.study.baseline_rules,
+                                     config.baseline_sparsities, config.space.methods):
+        study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label}, skip_if_exists=True)
 
 
 def _sensitivity_highs(config: SearchConfig, space: SearchSpace) -> dict[str, float] | None:
@@ -158,7 +164,7 @@ def run_search(source: SearchConfig | Workspace, *, resume: bool = False,
         if highs and UNIT_HIGH_ATTR not in study.user_attrs:
             study.set_user_attr(UNIT_HIGH_ATTR, highs)
         _enqueue_sensitivity(study, inputs.space, config)
-        _enqueue_baselines(study, inputs.space, config.baseline_sparsities, config.space.methods[0])
+        _enqueue_baselines(study, config, inputs, dense)
         study.set_user_attr(SEEDED_ATTR, True)
         crash_point("study.seeded")
     # per-unit caps are decided once, when the study is created: a resume uses the stored ones

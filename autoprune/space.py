@@ -200,3 +200,13 @@ class SearchSpace:
         if self.rewind == "search":
             params[REWIND_PARAM] = False
         return params
+
+    def allocation_params(self, sparsities: Mapping[str, float], method: str) -> dict[str, object]:
+        """Parameters of a per-unit allocation (a baseline rule, :mod:`autoprune.baselines`): each unit
+        named in ``sparsities`` at its value with ``method``, every other unit as in
+        :meth:`uniform_params` with ``self.low``. Values are kept as given, even outside a unit's range."""
+        params = self.uniform_params(self.low, method)
+        for unit in self.units:
+            if unit.name in sparsities and not unit.removal:
+                params[f"{unit.name}/sparsity"] = float(sparsities[unit.name])
+        return params

@@ -133,11 +133,27 @@ def _set_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
         trial.set_user_attr(key, value)
 
 
+def constraint_values(result: TrialResult, dense_size: float, dense_latency: float,
+                      limits: Mapping[str, float | None]) -> dict[str, float]:
+    """The trial's value for each set limit of ``space.constraints`` (``max_accuracy_drop``,
+    ``max_size_fraction``, ``max_latency_fraction``), as Optuna wants them: how far over the limit,
+    ``<= 0`` feasible. Keys drop the ``max_`` prefix (``accuracy_drop``, ``size_fraction``, ...)."""
+    measured = {"max_accuracy_drop": result.accuracy_drop,
+                "max_size_fraction": result.size_bytes / dense_size if dense_size else float("inf"),
+                "max_latency_fraction": result.latency_ms / dense_latency if dense_latency else float("inf")}
+    return {name.removeprefix("max_"): float(measured[name] - limit)
+            for name, limit in limits.items() if limit is not None}
+
+
 def tell_success(study: optuna.Study, trial: optuna.Trial, result: TrialResult,
-                 attrs: Mapping[str, Any] | None = None) -> bool:
-    """Record a complete trial; False if another driver had already marked it stale (result dropped)."""
+                 attrs: Mapping[str, Any] | None = None, constraints: Mapping[str, float] | None = None) -> bool:
+    """Record a complete trial, with its ``constraints`` (:func:`constraint_values`: Optuna's
+    ``Trial.set_constraint``, seen by the samplers and by ``best_trials``); False if another driver had
+    already marked it stale (result dropped)."""
     try:
         _set_attrs(trial, {**result.as_metrics(), EXTRA_ATTR: dict(result.extra), **(attrs or {})})
+        for key, value in (constraints or {}).items():
+            trial.set_constraint(key, value)
         crash_point("tell.attrs")
         study.tell(trial, [result.accuracy, float(result.size_bytes), result.latency_ms])
         crash_point("tell.done")

@@ -131,7 +131,7 @@ class Tracker:
                                      tags={STUDY_TAG: study_name, ROLE_TAG: "study"})
         run_id = run.info.run_id
         params = [Param(k, v[:MAX_PARAM_LENGTH]) for k, v in flatten(snapshot).items()]
-        metrics = [Metric(f"dense_{k}", float(v), _now(), 0) for k, v in dense.items()]
+        metrics = [Metric(f"dense_{k}", float(v), _now(), 0) for k, v in dense.items() if v is not None]
         for chunk in _batched(params):
             self.client.log_batch(run_id, params=chunk)
         self.client.log_batch(run_id, metrics=metrics)

@@ -10,7 +10,13 @@ plan says so, quantize the Linear layers to int8 (:mod:`autoprune.quantize`). Ac
 latency and parameter counts are measured on the final (quantized) model; MACs are counted on
 the model before quantization (same shapes, int8 multiply-accumulates; torch's FLOP counter
 does not see quantized kernels). ``TrialResult.extra`` says ``quantized`` (0/1), ``rewound``
-(0/1) and ``rounds``, and for quantized models ``accuracy_before_quantization``.
+(0/1) and ``rounds``, for quantized models ``accuracy_before_quantization``, and with a test split
+(``TrialSettings.test_loader``) ``test_accuracy``. ``accuracy_drop`` is measured against
+:attr:`DenseBaseline.reference_accuracy`: the better of the dense model and the dense model fine-tuned
+with the trials' budget (:func:`measure_finetuned_dense`). Fine-tuning recovery: BatchNorm statistics are
+re-estimated after each pruning step (``bn_recalibration_batches``) and the dense model is the distillation
+teacher; ``extra`` also says ``finetune_epochs_spent`` and, with screening (:class:`Screening`),
+``screened_accuracy`` (the pruned model's validation accuracy before fine-tuning).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import copy
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 
@@ -30,7 +36,7 @@ from . import measure, model_files, quantize, schedule
 from .methods import PruneContext, get_method
 from .methods import unstructured as unstructured_methods
 from .plan import Plan, TrialResult
-from .training import TrainSettings
+from .training import TrainSettings, recalibrate_batchnorm, steps_per_epoch
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -53,6 +59,24 @@ class TrialSettings:
     """The task's metric ``(outputs, targets) -> per-sample scores``; None: top-1 accuracy."""
     rewind_state: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
     """The dense model's state dict at the rewind point, for plans with ``rewind`` (else None)."""
+    test_loader: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, compare=False,
+                                                                             repr=False)
+    """Held-out batches (the data's third split): each trial records ``test_accuracy`` on them; the search
+    selects on the validation data only."""
+    bn_recalibration_batches: int = 0
+    """Training batches to re-estimate BatchNorm statistics with after each pruning step (0: off)."""
+    screening: Screening | None = None
+    """Multi-fidelity screening of the pruned model before fine-tuning (None: every plan gets the full budget)."""
+
+
+@dataclass(frozen=True)
+class Screening:
+    """A plan whose accuracy right after pruning (and BatchNorm recalibration), measured on the validation
+    data, is below ``min_accuracy_fraction x`` the dense model's gets ``short_fraction`` of the fine-tuning
+    steps instead of all of them."""
+
+    min_accuracy_fraction: float = 0.5
+    short_fraction: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -64,6 +88,17 @@ class DenseBaseline:
     size_bytes: int
     params: int
     macs: int
+    finetuned_accuracy: float | None = None
+    """The dense model fine-tuned with the trials' budget (same settings, nothing pruned): a trial's
+    ``accuracy_drop`` is measured against the better of this and ``accuracy``."""
+    test_accuracy: float | None = None
+    """On the test split (when the data give one); never used to select."""
+    finetuned_test_accuracy: float | None = None
+
+    @property
+    def reference_accuracy(self) -> float:
+        """What accuracy drops are measured against: the better of dense and dense fine-tuned."""
+        return max(self.accuracy, self.finetuned_accuracy if self.finetuned_accuracy is not None else self.accuracy)
 
 
 @dataclass(frozen=True)
@@ -108,14 +143,31 @@ def prune_model(dense: nn.Module, plan: Plan, context: PruneContext) -> nn.Modul
 
 
 def prune_and_finetune(
-    dense: nn.Module, train_loader: Batches, plan: Plan, settings: TrialSettings, context: PruneContext
+    dense: nn.Module, train_loader: Batches, plan: Plan, settings: TrialSettings, context: PruneContext,
+    *, screen: Callable[[nn.Module], bool] | None = None, info: dict[str, float] | None = None,
 ) -> tuple[nn.Module, float]:
     """A copy of ``dense`` pruned and fine-tuned on the plan's schedule (with rewinding if asked),
-    checked to reach the plan; returns it and the seconds spent training."""
+    checked to reach the plan; returns it and the seconds spent training.
+
+    After each pruning step (and rewinding) BatchNorm statistics are re-estimated from
+    ``settings.bn_recalibration_batches`` training batches. ``dense`` is the distillation teacher.
+    ``screen(pruned) -> full budget?`` sees the plan's one-shot pruned model (trained weights, BatchNorm
+    recalibrated, before any rewinding) before fine-tuning starts; False gives the plan
+    ``settings.screening.short_fraction`` of the fine-tuning steps. ``info`` (if given) receives
+    ``finetune_epochs_spent``.
+    """
     model = copy.deepcopy(dense)
     early = schedule.early_model(dense, settings.rewind_state) if plan.rewind else None
     steps = schedule.Schedule(model, plan, context)
-    budgets = schedule.round_steps(train_loader, settings.finetune, plan.rounds)
+    ft = settings.finetune
+    full = True
+    if screen is not None and plan.rounds > 1:  # screen the final one-shot plan, not the first round
+        probe = prune_model(dense, plan, context)
+        recalibrate_batchnorm(probe, train_loader, settings.bn_recalibration_batches)
+        full = screen(probe)
+        del probe
+    screen_here = screen is not None and plan.rounds == 1  # one-shot: screen the model pruned below
+    budgets = schedule.round_steps(train_loader, ft, plan.rounds) if full and not screen_here else None
     has_unstructured = any(get_method(i.method).family == "unstructured" for i in plan.layers)
     train_seconds = 0.0
     for step in range(1, plan.rounds + 1):
@@ -124,14 +176,27 @@ def prune_and_finetune(
         removed = schedule.prune_step(model, targets, step_context)
         steps.record(removed)
         masks = unstructured_methods.masks_of(model) if has_unstructured else None
+        recalibrate_batchnorm(model, train_loader, settings.bn_recalibration_batches)
+        if screen_here and step == 1:
+            full = screen(model)
+        if budgets is None and full:
+            budgets = schedule.round_steps(train_loader, ft, plan.rounds)
+        elif budgets is None:  # screened out: a short budget of optimizer steps
+            fraction = settings.screening.short_fraction if settings.screening is not None else 0.0
+            short = round(fraction * ft.epochs * steps_per_epoch(train_loader, ft.max_batches))
+            budgets = list(schedule.split_steps(short, plan.rounds))
         if early is not None:
             schedule.rewind(model, early, targets, removed, step_context, masks)
+            recalibrate_batchnorm(model, train_loader, settings.bn_recalibration_batches)
         if step == plan.rounds:
             steps.check(model)
         started = time.perf_counter()
-        schedule.finetune(model, train_loader, settings.finetune, budgets[step - 1], masks)
+        schedule.finetune(model, train_loader, ft, budgets[step - 1], masks, teacher=dense)
         train_seconds += time.perf_counter() - started
     steps.check(model)  # zeros held through fine-tuning
+    if info is not None:
+        info["finetune_epochs_spent"] = float(ft.epochs) if full else (
+            sum(b or 0 for b in budgets or []) / max(1, steps_per_epoch(train_loader, ft.max_batches)))
     return model, train_seconds
 
 
@@ -147,14 +212,25 @@ def run_trial(
     torch.manual_seed(settings.seed)
     example = next(iter(val_loader))[0][:1]
     context = make_context(train_loader, settings, example)
-    model, train_seconds = prune_and_finetune(dense, train_loader, plan, settings, context)
+    info: dict[str, float] = {}
+    screen = None
+    if settings.screening is not None:
+        threshold = settings.screening.min_accuracy_fraction * baseline.accuracy
+
+        def screen(pruned: nn.Module) -> bool:
+            info["screened_accuracy"] = measure.evaluate_accuracy(pruned, val_loader, settings.metric_fn)
+            return info["screened_accuracy"] >= threshold
+
+    model, train_seconds = prune_and_finetune(dense, train_loader, plan, settings, context, screen=screen, info=info)
     macs = measure.count_macs(model, example)
-    extra = {"quantized": float(plan.quantize), "rewound": float(plan.rewind), "rounds": float(plan.rounds)}
+    extra = {"quantized": float(plan.quantize), "rewound": float(plan.rewind), "rounds": float(plan.rounds), **info}
     if plan.quantize:
         extra["accuracy_before_quantization"] = measure.evaluate_accuracy(model, val_loader, settings.metric_fn)
         model = quantize.quantize_model(model, example)
 
     accuracy = measure.evaluate_accuracy(model, val_loader, settings.metric_fn)
+    if settings.test_loader is not None:  # reported, never an objective
+        extra["test_accuracy"] = measure.evaluate_accuracy(model, settings.test_loader, settings.metric_fn)
     params, nonzero = quantize.parameter_counts(model)
     with tempfile.TemporaryDirectory() as tmp:
         files = model_files.save_model(model, tmp)
@@ -167,7 +243,7 @@ def run_trial(
     )
     result = TrialResult(
         accuracy=accuracy,
-        accuracy_drop=baseline.accuracy - accuracy,
+        accuracy_drop=baseline.reference_accuracy - accuracy,
         params=params,
         nonzero_params=nonzero,
         macs=macs,
@@ -202,10 +278,26 @@ def measure_dense(
     inputs = _latency_inputs(val_loader, settings.latency_batch)
     latency_ms = measure.reference_latency_ms(dense, inputs, threads=settings.latency_threads,
                                               min_run_time=min_run_time)
+    test = settings.test_loader
     return DenseBaseline(
         accuracy=measure.evaluate_accuracy(dense, val_loader, settings.metric_fn),
         latency_ms=latency_ms,
         size_bytes=model_files.model_size_bytes(dense),
         params=measure.count_parameters(dense)[0],
         macs=measure.count_macs(dense, example),
+        test_accuracy=None if test is None else measure.evaluate_accuracy(dense, test, settings.metric_fn),
     )
+
+
+def measure_finetuned_dense(dense: nn.Module, train_loader: Batches, val_loader: Batches, settings: TrialSettings,
+                            baseline: DenseBaseline) -> DenseBaseline:
+    """``baseline`` with the accuracy (and test accuracy) of a copy of ``dense`` fine-tuned exactly as a trial
+    is (same settings and budget, an empty plan: nothing pruned), so that accuracy drops do not count the
+    extra training a trial gets as recovery. ``dense`` is not changed."""
+    torch.manual_seed(settings.seed)
+    context = make_context(train_loader, settings, next(iter(val_loader))[0][:1])
+    model, _ = prune_and_finetune(dense, train_loader, Plan(()), settings, context)
+    test = settings.test_loader
+    return replace(baseline, finetuned_accuracy=measure.evaluate_accuracy(model, val_loader, settings.metric_fn),
+                   finetuned_test_accuracy=None if test is None else measure.evaluate_accuracy(
+                       model, test, settings.metric_fn))

@@ -59,15 +59,20 @@ def _search(config_path: Path, overrides: list[str] | None, resume: bool, debug:
 def _print_front(rows: list[dict], dense: dict | None = None) -> None:
     """The front as a table, with the dense model as its last row for comparison."""
     table = Table(title="Pareto front")
-    for column in ("trial", "accuracy", "acc. drop", "size (bytes)", "latency (ms)", "params", "MACs"):
+    test = any(row.get("test_accuracy") is not None for row in rows)  # a test split was given
+    for column in ("trial", "accuracy", "acc. drop", *(("test acc.",) if test else ()), "size (bytes)",
+                   "latency (ms)", "params", "MACs"):
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(str(row["trial"]), f"{row['accuracy']:.4f}", f"{row['accuracy_drop']:+.4f}",
+        tested = (f"{row['test_accuracy']:.4f}" if row.get("test_accuracy") is not None else "",) if test else ()
+        table.add_row(str(row["trial"]), f"{row['accuracy']:.4f}", f"{row['accuracy_drop']:+.4f}", *tested,
                       f"{row['size_bytes']:,}", f"{row['latency_ms']:.4f}", f"{row['params']:,}",
                       f"{row['macs']:,}")
     if dense:
-        table.add_row("dense", f"{dense['accuracy']:.4f}", "", f"{dense['size_bytes']:,}",
-                      f"{dense['latency_ms']:.4f}", f"{dense['params']:,}", f"{dense['macs']:,}", style="dim")
+        dense_test = (f"{dense['test_accuracy']:.4f}" if dense.get("test_accuracy") is not None else "",)
+        table.add_row("dense", f"{dense['accuracy']:.4f}", "", *(dense_test if test else ()),
+                      f"{dense['size_bytes']:,}", f"{dense['latency_ms']:.4f}", f"{dense['params']:,}",
+                      f"{dense['macs']:,}", style="dim")
     _print_whole(table)
 
 

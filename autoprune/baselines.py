@@ -1,0 +1,156 @@
+"""The simple rules a search must beat, as per-unit allocations computed once on the dense model.
+
+A rule turns one whole-model sparsity into a sparsity per unit; the search then evaluates that
+allocation as an ordinary trial (same per-unit parameters, same pruning methods, same fine-tuning),
+so the rules sit in every study next to the searched trials and are measured the same way:
+
+- ``uniform``: every unit at the same sparsity (:meth:`~autoprune.space.SearchSpace.uniform_params`).
+- ``global_magnitude``: one magnitude threshold across the weights of every unit an unstructured
+  method can prune (global unstructured magnitude pruning, Blalock et al. 2020). ``round(s * N)`` of
+  the ``N`` weights of those units are zeroed, the smallest ``|w|`` first, so the reached sparsity of
+  those weights is ``s`` up to one weight; a unit's share is its count of zeroed weights over its size.
+- ``global_structured``: Torch-Pruning's global channel ranking: each dependency group's channels
+  scored by ``MagnitudeImportance(p=1, normalizer='mean')`` (L1 magnitude over the group, divided by
+  the group's mean, so groups of different scale compare), then ``round(s * C)`` of the ``C``
+  channels of all units removed, the lowest-ranked first. ``s`` is a fraction of output channels
+  (as for a unit's own sparsity), not of parameters.
+
+Both global rules respect ``max_layer_sparsity`` (a unit is never emptied; the pruning methods refuse
+more): a unit that would exceed it is held at the cap and the rest of the count goes to the others,
+so the whole-model target is still met. The allocations are exact fractions of whole weights or
+channels; values outside a unit's search range are kept as computed (Optuna warns when they are
+enqueued). Torch only (and Torch-Pruning for the structured rule); no Optuna.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .config import BASELINE_RULES as RULES  # the names ``study.baseline_rules`` may use
+
+if TYPE_CHECKING:
+    from .methods import PruneContext
+    from .space import SearchSpace
+
+
+log = logging.getLogger("autoprune")
+
+UNSTRUCTURED_PREFERENCE = ("l1_unstructured", "l2_unstructured")
+STRUCTURED_PREFERENCE = ("l1_structured", "l2_structured")
+
+
+def rule_method(rule: str, methods: Sequence[str]) -> str | None:
+    """The configured method a global rule's allocation is pruned with (magnitude methods first), or None
+    when no configured method fits the rule (then the rule is skipped)."""
+    from .methods import get_method
+    from .methods.structured import StructuredMethod
+
+    if rule == "global_magnitude":
+        fits = [m for m in methods if get_method(m).family == "unstructured"]
+        preferred = UNSTRUCTURED_PREFERENCE
+    elif rule == "global_structured":  # channel groups only (not heads or MLP neurons)
+        fits = [m for m in methods if isinstance(get_method(m), StructuredMethod)]
+        preferred = STRUCTURED_PREFERENCE
+    else:
+        raise ValueError(f"unknown global rule {rule!r}; known: global_magnitude, global_structured")
+    return next((m for m in preferred if m in fits), fits[0] if fits else None)
+
+
+def _allocate(scores: Mapping[str, torch.Tensor], sparsity: float, cap: float) -> dict[str, int]:
+    """How many of each unit's parts to remove so that ``round(sparsity * total)`` of all parts go, the
+    lowest scores first across units, no unit losing more than ``floor(cap * size)`` parts (and at least
+    one part kept): units over their cap are held there and the rest is ranked again."""
+    sizes = {name: int(s.numel()) for name, s in scores.items()}
+    limit = {name: max(0, min(math.floor(cap * n + 1e-9), n - 1)) for name, n in sizes.items()}
+    wanted = round(sparsity * sum(sizes.values()))
+    if wanted > sum(limit.values()):
+        log.warning("a global rule at %g cannot be reached with max_layer_sparsity=%g: %d of %d parts instead",
+                    sparsity, cap, sum(limit.values()), wanted)
+        wanted = sum(limit.values())
+    fixed: dict[str, int] = {}
+    while True:
+        free = [name for name in scores if name not in fixed]
+        left = wanted - sum(fixed.values())
+        counts = dict.fromkeys(free, 0)
+        if free and left > 0:
+            flat = torch.cat([scores[name].detach().flatten().to(torch.float64) for name in free])
+            owner = torch.cat([torch.full((sizes[name],), i, dtype=torch.long) for i, name in enumerate(free)])
+            drop = torch.argsort(flat, stable=True)[:left]
+            per = torch.bincount(owner[drop], minlength=len(free))
+            counts = {name: int(per[i]) for i, name in enumerate(free)}
+        over = [name for name in free if counts[name] > limit[name]]
+        if not over:
+            return {**fixed, **counts}
+        fixed.update({name: limit[name] for name in over})
+
+
+def global_magnitude(model: nn.Module, units: Sequence[str], sparsity: float,
+                     max_layer_sparsity: float = 1.0) -> dict[str, float]:
+    """Unit (layer) -> fraction of its weights below one global ``|w|`` threshold, so that
+    ``sparsity`` of all the units' weights are zeroed (already-zero weights count, lowest first)."""
+    modules = dict(model.named_modules())
+    scores = {name: modules[name].weight.detach().abs() for name in units}
+    counts = _allocate(scores, sparsity, max_layer_sparsity)
+    return {name: counts[name] / scores[name].numel() for name in units}
+
+
+def global_structured(model: nn.Module, units: Sequence[str], sparsity: float, example_inputs: torch.Tensor,
+                      protected: frozenset[str] = frozenset(), max_layer_sparsity: float = 1.0) -> dict[str, float]:
+    """Unit (dependency-group root) -> fraction of its output channels removed by Torch-Pruning's global
+    ranking with mean-normalized L1 group importance, so that ``sparsity`` of all the units' channels go.
+    With ``space.round_to`` the pruning method rounds each unit's kept channels, so the total may move a little."""
+    import torch_pruning as tp
+
+    from .methods._common import preserved_modes
+    from .methods.structured import _expand, _forward, scan_groups
+
+    importance = tp.importance.MagnitudeImportance(p=1, normalizer="mean")
+    modules = dict(model.named_modules())
+    with preserved_modes(model):
+        model.eval()
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=_forward)  # traces: grads on
+        ignored = _expand([modules[name] for name in sorted(protected) if name in modules])
+        groups = scan_groups(dg, model, ignored)
+        missing = [name for name in units if name not in groups]
+        if missing:
+            raise ValueError(f"global_structured: no channel group rooted at {missing}")
+        with torch.no_grad():
+            scores = {name: importance(groups[name].group).detach().flatten() for name in units}
+    counts = _allocate(scores, sparsity, max_layer_sparsity)
+    return {name: counts[name] / scores[name].numel() for name in units}
+
+
+def seed_trials(space: SearchSpace, model: nn.Module, context: PruneContext, rules: Sequence[str],
+                sparsities: Sequence[float], methods: Sequence[str]) -> list[tuple[str, dict[str, object]]]:
+    """The baseline trials of a new study, ``(label, params)`` in order: for each rule of ``rules`` that
+    applies (a global rule needs a configured method of its kind), each sparsity of ``sparsities``.
+    Labels: ``uniform <method> 0.5``, ``global magnitude 0.5``, ``global structured 0.5``."""
+    trials: list[tuple[str, dict[str, object]]] = []
+    for rule in rules:
+        if rule not in RULES:
+            raise ValueError(f"unknown baseline rule {rule!r}; known rules: {', '.join(RULES)}")
+        if rule == "uniform":
+            trials += [(f"uniform {methods[0]} {s:g}", space.uniform_params(s, methods[0])) for s in sparsities]
+            continue
+        method = rule_method(rule, methods)
+        units = [u.name for u in space.units if not u.removal and method in u.methods] if method else []
+        if not units:
+            continue
+        for s in sparsities:
+            try:
+                if rule == "global_magnitude":
+                    allocation = global_magnitude(model, units, s, context.max_layer_sparsity)
+                else:
+                    allocation = global_structured(model, units, s, context.example_inputs, context.protected,
+                                                   context.max_layer_sparsity)
+            except Exception as exc:  # a rule the model defeats must not stop the search: said, and skipped
+                log.warning("baseline rule %s at %g skipped: %s: %s", rule, s, type(exc).__name__, exc)
+                continue
+            trials.append((f"{rule.replace('_', ' ')} {s:g}", space.allocation_params(allocation, method)))
+    return trials
