@@ -297,6 +297,9 @@ def run_cli_in_child(argv: list[str], env: dict[str, str], cwd: str, log: str) -
     os.environ.update({"COLUMNS": "200", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
                        **env})
     os.chdir(cwd)
+    # Ctrl-C as in a terminal, even when the test runner was started with SIGINT ignored (a background job
+    # of a non-interactive shell is): Python only installs its KeyboardInterrupt handler if SIGINT was not.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)

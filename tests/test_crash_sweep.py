@@ -65,6 +65,7 @@ space:
 finetune: {{epochs: 1, max_batches: 3}}
 latency: {{rounds: 1, min_run_time: 0.001}}
 execution: {{backend: in_process}}
+tracking: {{log_models: {log_models}}}
 """
 
 
@@ -116,7 +117,11 @@ def empty_stores(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def _project(directory: Path, checkpoint: Path, stores: Path) -> Path:
+MODEL_POINTS = ("mlflow.model_created", "mlflow.model_done", "mlflow.parent_ended")
+"""Points where MLflow models matter; the other cases skip logging them (torch.export costs seconds)."""
+
+
+def _project(directory: Path, checkpoint: Path, stores: Path, log_models: bool = True) -> Path:
     from conftest import TINY_MODULE
 
     (directory / "tinymod.py").write_text(TINY_MODULE)
@@ -124,7 +129,8 @@ def _project(directory: Path, checkpoint: Path, stores: Path) -> Path:
     for name in ("mlflow.db", "optuna.db", "autoprune.db"):
         shutil.copyfile(stores / name, directory / "work" / name)
     config = directory / "search.yaml"
-    config.write_text(textwrap.dedent(CONFIG.format(n=N_TRIALS, checkpoint=checkpoint)))
+    config.write_text(textwrap.dedent(CONFIG.format(n=N_TRIALS, checkpoint=checkpoint,
+                                                    log_models=str(log_models).lower())))
     return config
 
 
@@ -188,7 +194,7 @@ def _check_invariants(directory: Path, before: dict[int, optuna.trial.FrozenTria
 
 def _sweep_case(forkserver, stores: Path, dense_checkpoint: Path, tmp_path: Path, point: str, at_pass: int,
                 how: str) -> None:
-    config = _project(tmp_path, dense_checkpoint, stores)
+    config = _project(tmp_path, dense_checkpoint, stores, log_models=point in MODEL_POINTS)
     log = tmp_path / "run.log"
     child = forkserver.Process(target=run_cli_in_child, args=(
         ["run", str(config)], {ENV: f"{point}:{at_pass}:{how}"}, str(tmp_path), str(log)))
