@@ -7,6 +7,7 @@ model trained (once per study, reused on resume) and the study created.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -44,13 +45,20 @@ from .trial import DenseBaseline, measure_dense, measure_finetuned_dense
 from .workspace import Workspace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+log = logging.getLogger("autoprune")
+
 
 def _dense_baseline(study: optuna.Study, dense: nn.Module, inputs: Inputs) -> DenseBaseline:
     stored = study.user_attrs.get(DENSE_ATTR)
     if stored:
         return DenseBaseline(**stored)
     baseline = measure_dense(dense, inputs.val_loader, inputs.settings)
-    baseline = measure_finetuned_dense(dense, inputs.train_loader, inputs.val_loader, inputs.settings, baseline)
+    try:
+        baseline = measure_finetuned_dense(dense, inputs.train_loader, inputs.val_loader, inputs.settings, baseline)
+    except Exception as exc:  # the trials will meet (and record) the same problem; the study goes on
+        log.warning("could not fine-tune the dense model for the accuracy reference (%s: %s); accuracy drops are "
+                    "measured against the dense model as given", type(exc).__name__, str(exc).splitlines()[0]
+                    if str(exc) else "")
     study.set_user_attr(DENSE_ATTR, asdict(baseline))
     crash_point("dense.measured")
     return baseline
