@@ -151,8 +151,8 @@ def _mlflow_accounting(tracking_uri: str, trials: list[optuna.trial.FrozenTrial]
 
 @pytest.mark.slow
 def test_driver_sigkill_then_resume(tiny_project: Path, tmp_path: Path) -> None:
-    """The driver on Ray kills itself (SIGKILL) exactly when it hands trial 3 to Ray: trials 0 and 1 are
-    complete, 2 and 3 running. ``resume`` fails those as stale, runs them again and finishes the study.
+    """The driver on Ray kills itself (SIGKILL) exactly when it hands trial 3 to Ray: two trials are complete,
+    two running. ``resume`` fails those as stale, runs them again and finishes the study.
     (tests/test_crash_sweep.py kills the in-process driver at every other crash point.)"""
     n_trials = 5
     write_fault_module(tiny_project.parent, ["ok"])
@@ -170,7 +170,8 @@ def test_driver_sigkill_then_resume(tiny_project: Path, tmp_path: Path) -> None:
     before = {t.number: t for t in _trials(config.storage_url)}
     completed = {n: t.values for n, t in before.items() if t.state == TrialState.COMPLETE}
     stale = {n: t.params for n, t in before.items() if t.state == TrialState.RUNNING}
-    assert sorted(completed) == [0, 1] and sorted(stale) == [2, 3], before
+    # the 4th hand-over to Ray follows exactly two finished trials (which two depends on Ray), two are running
+    assert len(completed) == 2 and len(stale) == 2 and 3 in stale, before
     dead = driver_records(optuna.load_study(study_name="tiny", storage=config.storage_url))
     assert len(dead) == 1 and driver_gone(next(iter(dead.values())))
 
