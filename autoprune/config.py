@@ -314,6 +314,15 @@ class SearchConfig(_Strict):
         return self.work_path / "studies" / self.study.name
 
     @property
+    def dense_path(self) -> Path:
+        """Where the dense model pre-trained for this study is kept (``model.pretrain``)."""
+        return self.study_path / "dense.pt"
+
+    def trial_path(self, number: int) -> Path:
+        """Trial ``number``'s model files: ``<work_dir>/studies/<study>/trials/NNNNN``."""
+        return self.study_path / "trials" / f"{number:05d}"
+
+    @property
     def storage_url(self) -> str:
         return self.study.storage or f"sqlite:///{self.work_path / 'optuna.db'}"
 

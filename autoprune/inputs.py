@@ -25,8 +25,6 @@ from .task_check import check_task
 from .training import TrainSettings, train
 from .trial import Batches, Screening, TrialSettings
 
-DENSE_FILE = "dense.pt"  # keep in step with workspace.DENSE_FILE
-
 
 @dataclass
 class Inputs:
@@ -207,7 +205,7 @@ def ensure_dense(config: SearchConfig, inputs: Inputs) -> nn.Module:
     model = inputs.model
     if config.model.pretrain is None:
         return model
-    path = config.study_path / DENSE_FILE
+    path = config.dense_path
     wants_early = config.space.rewind != "never" and config.space.rewind_checkpoint is None
     early_path = rewind_file(config)
     if path.is_file():
@@ -260,8 +258,3 @@ def _save_atomic(obj: object, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def trial_dir(config: SearchConfig, number: int) -> Path:
-    """Trial ``number``'s model files (see :meth:`autoprune.workspace.Workspace.trial_dir`)."""
-    return config.study_path / "trials" / f"{number:05d}"

@@ -56,26 +56,25 @@ def check_task(model: nn.Module, train_loader: Batches, val_loader: Batches,
                             f"but {given} holds class labels from {int(targets.min())} to {int(targets.max())} "
                             f"(the default loss, cross-entropy, needs outputs [batch, classes]); fix the model's "
                             f"output size, or set model.loss and model.metric")
-                try:
-                    loss = (loss_fn or nn.functional.cross_entropy)(outputs, targets)
-                    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                        raise ValueError(f"expected a scalar tensor, got {_shape(loss)}")
-                except Exception as exc:
-                    field = "model.loss" if loss_fn is not None else "model.factory"
-                    raise ConfigError(f"field {field!r}: {loss_name} of the model's outputs {_shape(outputs)} "
-                                      f"against the targets of {given} fails: {type(exc).__name__}: "
-                                      f"{_first_line(exc)}") from None
-                try:
-                    scores = (metric_fn or top1)(outputs, targets)
-                    if not isinstance(scores, torch.Tensor) or scores.numel() != batch:
-                        raise ValueError(f"expected one score per sample ({batch}), got {_shape(scores)}")
-                except Exception as exc:
-                    field = "model.metric" if metric_fn is not None else "model.factory"
-                    raise ConfigError(f"field {field!r}: {metric_name} of the model's outputs {_shape(outputs)} "
-                                      f"against the targets of {given} fails: {type(exc).__name__}: "
-                                      f"{_first_line(exc)}") from None
+                _check_output_fn(loss_fn, nn.functional.cross_entropy, "model.loss", loss_name, outputs, targets,
+                                 given, 1, "a scalar tensor")
+                _check_output_fn(metric_fn, top1, "model.metric", metric_name, outputs, targets, given,
+                                 batch, f"one score per sample ({batch})")
         finally:
             model.train(was_training)
+
+
+def _check_output_fn(fn: Callable | None, default: Callable, field: str, name: str, outputs: object,
+                     targets: object, given: str, numel: int, expected: str) -> None:
+    """Call the user's loss or metric (or its default) on real outputs; any failure names the field."""
+    try:
+        value = (fn or default)(outputs, targets)
+        if not isinstance(value, torch.Tensor) or value.numel() != numel:
+            raise ValueError(f"expected {expected}, got {_shape(value)}")
+    except Exception as exc:
+        raise ConfigError(f"field {field if fn is not None else 'model.factory'!r}: {name} of the model's outputs "
+                          f"{_shape(outputs)} against the targets of {given} fails: {type(exc).__name__}: "
+                          f"{_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:

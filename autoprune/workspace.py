@@ -22,8 +22,6 @@ from .errors import ConfigError, StorageError
 from .live import Live
 from .retry import safe_url, sqlite_file
 
-DENSE_FILE = "dense.pt"
-
 if TYPE_CHECKING:
     import optuna
     from torch import nn
@@ -62,15 +60,11 @@ class Workspace:
     # ---- files ----
     def trial_dir(self, number: int) -> Path:
         """Trial ``number``'s model files: ``<work_dir>/studies/<study>/trials/NNNNN``."""
-        return self.config.study_path / "trials" / f"{number:05d}"
+        return self.config.trial_path(number)
 
     def dense_checkpoint(self) -> Path | None:
         """The file the dense model comes from: the configured checkpoint, or the one pre-trained for this study."""
-        return self.config.checkpoint_path if self.config.model.pretrain is None else self.dense_file
-
-    @property
-    def dense_file(self) -> Path:
-        return self.config.study_path / DENSE_FILE
+        return self.config.checkpoint_path if self.config.model.pretrain is None else self.config.dense_path
 
     @property
     def artifact_location(self) -> str | None:

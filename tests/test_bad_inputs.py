@@ -344,9 +344,8 @@ def searched(tmp_path_factory: pytest.TempPathFactory):
 
 
 def trial_files(config, number: int = 0) -> Path:
-    from autoprune.inputs import trial_dir
 
-    return trial_dir(config, number)
+    return config.trial_path(number)
 
 
 def test_the_study_keeps_the_digests_of_each_trials_files(searched) -> None:

@@ -13,7 +13,7 @@ from zoo import ZOO
 from autoprune import schedule
 from autoprune.config import load_config
 from autoprune.errors import AutopruneError, ConfigError
-from autoprune.inputs import build_inputs, ensure_dense, rewind_file, trial_dir
+from autoprune.inputs import build_inputs, ensure_dense, rewind_file
 from autoprune.methods import PruneContext
 from autoprune.model_files import load_model, load_weights
 from autoprune.plan import LayerPlan, Plan
@@ -216,6 +216,6 @@ def test_search_mixes_quantization_schedules_and_rewinding(tiny_project: Path) -
     for key in ("quantize", "schedule", "rewind"):
         assert len({p[key] for p in params}) == 2, (key, params)  # both choices were tried
     for trial in study.trials:
-        model = load_model(trial_dir(config, trial.number))
+        model = load_model(config.trial_path(trial.number))
         assert bool(quantized_linears(model)) == trial.params["quantize"]
         assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)

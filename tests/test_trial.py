@@ -12,7 +12,6 @@ from torch import nn
 
 from autoprune import model_files, quantize
 from autoprune.config import load_config
-from autoprune.inputs import trial_dir
 from autoprune.model_files import load_model
 from autoprune.plan import LayerPlan, Plan
 from autoprune.search import run_search
@@ -72,7 +71,7 @@ def test_trial_model_files_reload(tiny_project: Path, monkeypatch: pytest.Monkey
     run_search(config)
     (trial,) = optuna.load_study(study_name="tiny", storage=config.storage_url).trials
     assert trial.state == optuna.trial.TrialState.COMPLETE and measured
-    model, pruned = load_model(trial_dir(config, trial.number)).eval(), measured[-1]  # (the dense one is first)
+    model, pruned = load_model(config.trial_path(trial.number)).eval(), measured[-1]  # (the dense one is first)
 
     inputs = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
