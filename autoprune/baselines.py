@@ -62,42 +62,56 @@ def rule_method(rule: str, methods: Sequence[str]) -> str | None:
     return next((m for m in preferred if m in fits), fits[0] if fits else None)
 
 
+def _allocate_many(scores: Mapping[str, torch.Tensor], sparsities: Sequence[float], cap: float) -> list[dict[str, int]]:
+    """How many of each unit's parts to remove, for each of ``sparsities``, so that ``round(s * total)`` of
+    all parts go, the lowest scores first across units, no unit losing more than ``floor(cap * size)``
+    parts (and at least one part kept).
+
+    A unit at its cap keeps its remaining parts and the next-lowest parts of other units go instead: in
+    the global ranking (sorted once), a unit's parts past its limit are skipped, and the first ``k`` parts
+    left are removed. Ranking once and counting along it keeps this cheap for many sparsities and large
+    models (one sort of all weights, not one per sparsity)."""
+    names = list(scores)
+    sizes = torch.tensor([int(scores[name].numel()) for name in names], dtype=torch.long)
+    limit = torch.tensor([max(0, min(math.floor(cap * int(n) + 1e-9), int(n) - 1)) for n in sizes], dtype=torch.long)
+    flat = torch.cat([scores[name].detach().flatten().to(torch.float64) for name in names])
+    owner = torch.repeat_interleave(torch.arange(len(names)), sizes)
+    ranked_owner = owner[torch.argsort(flat, stable=True)]
+    by_unit = torch.argsort(ranked_owner, stable=True)  # positions in the ranking, grouped by unit in rank order
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank_in_unit = torch.empty_like(ranked_owner)
+    rank_in_unit[by_unit] = torch.arange(len(flat)) - starts[ranked_owner[by_unit]]
+    eligible = ranked_owner[rank_in_unit < limit[ranked_owner]]
+    available = int(limit.sum())
+    result = []
+    for sparsity in sparsities:
+        wanted = round(sparsity * int(sizes.sum()))
+        if wanted > available:
+            log.warning("a global rule at %g cannot be reached with max_layer_sparsity=%g: %d of %d parts instead",
+                        sparsity, cap, available, wanted)
+            wanted = available
+        counts = torch.bincount(eligible[:wanted], minlength=len(names))
+        result.append({name: int(counts[i]) for i, name in enumerate(names)})
+    return result
+
+
 def _allocate(scores: Mapping[str, torch.Tensor], sparsity: float, cap: float) -> dict[str, int]:
-    """How many of each unit's parts to remove so that ``round(sparsity * total)`` of all parts go, the
-    lowest scores first across units, no unit losing more than ``floor(cap * size)`` parts (and at least
-    one part kept): units over their cap are held there and the rest is ranked again."""
-    sizes = {name: int(s.numel()) for name, s in scores.items()}
-    limit = {name: max(0, min(math.floor(cap * n + 1e-9), n - 1)) for name, n in sizes.items()}
-    wanted = round(sparsity * sum(sizes.values()))
-    if wanted > sum(limit.values()):
-        log.warning("a global rule at %g cannot be reached with max_layer_sparsity=%g: %d of %d parts instead",
-                    sparsity, cap, sum(limit.values()), wanted)
-        wanted = sum(limit.values())
-    fixed: dict[str, int] = {}
-    while True:
-        free = [name for name in scores if name not in fixed]
-        left = wanted - sum(fixed.values())
-        counts = dict.fromkeys(free, 0)
-        if free and left > 0:
-            flat = torch.cat([scores[name].detach().flatten().to(torch.float64) for name in free])
-            owner = torch.cat([torch.full((sizes[name],), i, dtype=torch.long) for i, name in enumerate(free)])
-            drop = torch.argsort(flat, stable=True)[:left]
-            per = torch.bincount(owner[drop], minlength=len(free))
-            counts = {name: int(per[i]) for i, name in enumerate(free)}
-        over = [name for name in free if counts[name] > limit[name]]
-        if not over:
-            return {**fixed, **counts}
-        fixed.update({name: limit[name] for name in over})
+    """:func:`_allocate_many` for one sparsity."""
+    return _allocate_many(scores, [sparsity], cap)[0]
 
 
 def global_magnitude(model: nn.Module, units: Sequence[str], sparsity: float,
                      max_layer_sparsity: float = 1.0) -> dict[str, float]:
     """Unit (layer) -> fraction of its weights below one global ``|w|`` threshold, so that
     ``sparsity`` of all the units' weights are zeroed (already-zero weights count, lowest first)."""
-    modules = dict(model.named_modules())
-    scores = {name: modules[name].weight.detach().abs() for name in units}
+    scores = _magnitude_scores(model, units)
     counts = _allocate(scores, sparsity, max_layer_sparsity)
     return {name: counts[name] / scores[name].numel() for name in units}
+
+
+def _magnitude_scores(model: nn.Module, units: Sequence[str]) -> dict[str, torch.Tensor]:
+    modules = dict(model.named_modules())
+    return {name: modules[name].weight.detach().abs() for name in units}
 
 
 def global_structured(model: nn.Module, units: Sequence[str], sparsity: float, example_inputs: torch.Tensor,
@@ -105,6 +119,13 @@ def global_structured(model: nn.Module, units: Sequence[str], sparsity: float, e
     """Unit (dependency-group root) -> fraction of its output channels removed by Torch-Pruning's global
     ranking with mean-normalized L1 group importance, so that ``sparsity`` of all the units' channels go.
     With ``space.round_to`` the pruning method rounds each unit's kept channels, so the total may move a little."""
+    scores = _structured_scores(model, units, example_inputs, protected)
+    counts = _allocate(scores, sparsity, max_layer_sparsity)
+    return {name: counts[name] / scores[name].numel() for name in units}
+
+
+def _structured_scores(model: nn.Module, units: Sequence[str], example_inputs: torch.Tensor,
+                       protected: frozenset[str]) -> dict[str, torch.Tensor]:
     import torch_pruning as tp
 
     from .methods._common import preserved_modes
@@ -121,9 +142,34 @@ def global_structured(model: nn.Module, units: Sequence[str], sparsity: float, e
         if missing:
             raise ValueError(f"global_structured: no channel group rooted at {missing}")
         with torch.no_grad():
-            scores = {name: importance(groups[name].group).detach().flatten() for name in units}
-    counts = _allocate(scores, sparsity, max_layer_sparsity)
-    return {name: counts[name] / scores[name].numel() for name in units}
+            return {name: importance(groups[name].group).detach().flatten() for name in units}
+
+
+def allocation_curves(space: SearchSpace, model: nn.Module, context: PruneContext, methods: Sequence[str],
+                      grid: Sequence[float]) -> list[dict[str, object]]:
+    """Each rule's per-unit sparsities at every whole-model sparsity of ``grid``, for the compact search
+    space (``space.parametrization: global``): ``[{"rule", "method", "grid", "units": {unit: [values]}}]``,
+    plain data so that a study stores them once and a resume decodes its trials with the same numbers.
+    A rule whose method is not configured, or that the model defeats (said in the log), is left out."""
+    curves: list[dict[str, object]] = []
+    for rule in RULES:
+        method = methods[0] if rule == "uniform" else rule_method(rule, methods)
+        units = [u.name for u in space.units if not u.removal and method in u.methods] if method else []
+        if not units:
+            continue
+        if rule == "uniform":
+            values = {name: [min(float(s), context.max_layer_sparsity) for s in grid] for name in units}
+        else:
+            try:
+                scores = (_magnitude_scores(model, units) if rule == "global_magnitude" else
+                          _structured_scores(model, units, context.example_inputs, context.protected))
+            except Exception as exc:  # as in seed_trials: said, and the rule left out of the space
+                log.warning("rule %s left out of the search space: %s: %s", rule, type(exc).__name__, exc)
+                continue
+            counts = _allocate_many(scores, grid, context.max_layer_sparsity)
+            values = {name: [round(c[name] / scores[name].numel(), 6) for c in counts] for name in units}
+        curves.append({"rule": rule, "method": method, "grid": [float(s) for s in grid], "units": values})
+    return curves
 
 
 def seed_trials(space: SearchSpace, model: nn.Module, context: PruneContext, rules: Sequence[str],
@@ -131,12 +177,17 @@ def seed_trials(space: SearchSpace, model: nn.Module, context: PruneContext, rul
     """The baseline trials of a new study, ``(label, params)`` in order: for each rule of ``rules`` that
     applies (a global rule needs a configured method of its kind), each sparsity of ``sparsities``.
     Labels: ``uniform <method> 0.5``, ``global magnitude 0.5``, ``global structured 0.5``."""
+    unknown = [rule for rule in rules if rule not in RULES]
+    if unknown:
+        raise ValueError(f"unknown baseline rule {unknown[0]!r}; known rules: {', '.join(RULES)}")
+    if space.parametrization == "global":  # a rule's point is one (rule, sparsity) of the compact space
+        known = {a.rule for a in space.allocations}
+        return [(_label(rule, s, methods), space.rule_params(rule, s)) for rule in rules if rule in known
+                for s in sparsities]
     trials: list[tuple[str, dict[str, object]]] = []
     for rule in rules:
-        if rule not in RULES:
-            raise ValueError(f"unknown baseline rule {rule!r}; known rules: {', '.join(RULES)}")
         if rule == "uniform":
-            trials += [(f"uniform {methods[0]} {s:g}", space.uniform_params(s, methods[0])) for s in sparsities]
+            trials += [(_label(rule, s, methods), space.uniform_params(s, methods[0])) for s in sparsities]
             continue
         method = rule_method(rule, methods)
         units = [u.name for u in space.units if not u.removal and method in u.methods] if method else []
@@ -152,5 +203,9 @@ def seed_trials(space: SearchSpace, model: nn.Module, context: PruneContext, rul
             except Exception as exc:  # a rule the model defeats must not stop the search: said, and skipped
                 log.warning("baseline rule %s at %g skipped: %s: %s", rule, s, type(exc).__name__, exc)
                 continue
-            trials.append((f"{rule.replace('_', ' ')} {s:g}", space.allocation_params(allocation, method)))
+            trials.append((_label(rule, s, methods), space.allocation_params(allocation, method)))
     return trials
+
+
+def _label(rule: str, sparsity: float, methods: Sequence[str]) -> str:
+    return f"uniform {methods[0]} {sparsity:g}" if rule == "uniform" else f"{rule.replace('_', ' ')} {sparsity:g}"

@@ -170,6 +170,12 @@ class SpaceConfig(_Strict):
     """Early weights as a state_dict (instead of ``rewind_epoch``; needed with ``model.checkpoint``)."""
     constraints: ConstraintsConfig = ConstraintsConfig()
     """Feasibility limits on accuracy drop, size and latency (see :class:`ConstraintsConfig`)."""
+    parametrization: Literal["per_unit", "global"] = "per_unit"
+    """``per_unit``: a sparsity (and method) per unit. ``global``: a whole-model sparsity and a rule
+    (uniform, global magnitude, global structured) whose allocation each unit shifts within
+    ``allocation_spread`` (see :mod:`autoprune.space`)."""
+    allocation_spread: float = Field(1.0, ge=0.0, le=5.0)
+    """``global``: how far (log-odds) a unit's sparsity may move from its rule's allocation; 0: the rules only."""
 
     @field_validator("schedules")
     @classmethod
@@ -189,6 +195,8 @@ class SpaceConfig(_Strict):
                                  "use schedules: [oneshot] and rewind: never with them")
         if self.rewind_checkpoint is not None and self.rewind == "never":
             raise ValueError("rewind_checkpoint is given but rewind is 'never'")
+        if self.allocation_spread != 1.0 and self.parametrization != "global":  # (snapshots list the default)
+            raise ValueError(f"allocation_spread is {self.allocation_spread} but parametrization is not 'global'")
         return self
 
     @field_validator("methods")

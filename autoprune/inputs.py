@@ -126,7 +126,9 @@ def build_inputs(config: SearchConfig, live: Live | None = None) -> Inputs:
                                    config.space.exclude, low=sparsity.low, high=sparsity.high,
                                    step=sparsity.step, quantize=config.space.quantize,
                                    schedules=tuple(config.space.schedules),
-                                   iterative_rounds=config.space.iterative_rounds, rewind=config.space.rewind)
+                                   iterative_rounds=config.space.iterative_rounds, rewind=config.space.rewind,
+                                   parametrization=config.space.parametrization,
+                                   spread=config.space.allocation_spread)
     candidates = (*model_modules, *data_modules, *(module for _, module in task.values()))
     modules = list({m.__name__: m for m in candidates if _user_module(m)}.values())
     return Inputs(model, train_loader, val_loader, space, settings, modules, test_loader)

@@ -291,16 +291,15 @@ def regenerate(workspace: Workspace, *, register: str | None = None) -> Regenera
         raise AutopruneError(f"study {config.study.name!r} has no dense baseline yet (it never ran a trial): "
                              f"nothing to report")
     baseline = DenseBaseline(**stored)
-    inputs = workspace.inputs
     tracker = workspace.tracker()
     parent = tracker.open_parent(config.study.name)
     created = parent is None
     if parent is None:
         parent = tracker.start_parent(config.study.name, study.user_attrs.get(CONFIG_ATTR) or config.snapshot(),
                                       asdict(baseline))
-    report = StudyReport(tracker, parent, config.study.name, baseline, space=inputs.space,
-                         models=model_source(workspace))
-    report.log_missing(study, inputs.space)
+    space = workspace.study_space(study)
+    report = StudyReport(tracker, parent, config.study.name, baseline, space=space, models=model_source(workspace))
+    report.log_missing(study, space)
     rows = report.finalize(study)
     if created:
         report.finish("FINISHED")

@@ -27,6 +27,7 @@ from .retry import check_reachable, sqlite_file, store_lock
 from .space import SearchSpace
 from .storage import ensure_distinct_stores, open_storage, safe_snapshot, snapshot_digest
 from .study import (
+    ALLOCATIONS_ATTR,
     BASE_DIR_ATTR,
     BASELINE_ATTR,
     CONFIG_ATTR,
@@ -75,6 +76,23 @@ def _enqueue_baselines(study: optuna.Study, config: SearchConfig, inputs: Inputs
         study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label}, skip_if_exists=True)
 
 
+def _allocations(config: SearchConfig, inputs: Inputs, dense: nn.Module) -> list[dict[str, object]]:
+    """The rules' per-unit allocations on the dense model at whole-model sparsities every 0.025 over the
+    space's range (and at the baseline sparsities exactly), for the ``global`` parametrization."""
+    from .baselines import allocation_curves
+    from .trial import make_context
+
+    low, high = config.space.sparsity.low, config.space.sparsity.high
+    grid = sorted({round(low + i * 0.025, 6) for i in range(int((high - low) / 0.025) + 1)}
+                  | {low, high, *config.baseline_sparsities})
+    context = make_context((), inputs.settings, next(iter(inputs.val_loader))[0][:1])
+    curves = allocation_curves(inputs.space, dense, context, config.space.methods, grid)
+    if not curves:
+        raise ConfigError("field 'space.parametrization': 'global' needs a rule that applies to the model "
+                          "(uniform, global_magnitude or global_structured); none did")
+    return curves
+
+
 def _sensitivity_highs(config: SearchConfig, space: SearchSpace) -> dict[str, float] | None:
     """Per-unit sparsity caps for a new study from ``<work_dir>/sensitivity.json``, when
     ``space.sensitivity_bounds`` asks for them; a missing or stale file is a config error."""
@@ -94,6 +112,8 @@ def _enqueue_sensitivity(study: optuna.Study, space: SearchSpace, config: Search
     """Seed a new study from ``<work_dir>/sensitivity.json`` (``autoprune sensitivity``), if there is one."""
     from .sensitivity import SENSITIVITY_ATTR, seed_trials
 
+    if space.parametrization != "per_unit":  # its seeds are per-unit sparsities
+        return
     seeds = seed_trials(config, space)
     for label, params in seeds:
         study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label}, skip_if_exists=True)
@@ -171,12 +191,15 @@ def run_search(source: SearchConfig | Workspace, *, resume: bool = False,
         highs = highs if highs is not None else _sensitivity_highs(config, inputs.space)
         if highs and UNIT_HIGH_ATTR not in study.user_attrs:
             study.set_user_attr(UNIT_HIGH_ATTR, highs)
+        if inputs.space.parametrization == "global" and ALLOCATIONS_ATTR not in study.user_attrs:
+            study.set_user_attr(ALLOCATIONS_ATTR, _allocations(config, inputs, dense))
+        inputs.space = workspace.study_space(study)
         _enqueue_sensitivity(study, inputs.space, config)
         _enqueue_baselines(study, config, inputs, dense)
         study.set_user_attr(SEEDED_ATTR, True)
         crash_point("study.seeded")
-    # per-unit caps are decided once, when the study is created: a resume uses the stored ones
-    inputs.space = inputs.space.with_unit_highs(study.user_attrs.get(UNIT_HIGH_ATTR) or {})
+    # per-unit caps and allocations are decided once, when the study is created: a resume uses the stored ones
+    inputs.space = workspace.study_space(study)
     driver = Driver(study).start()
     notices: list[str] = []
     try:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .inputs import Inputs
+    from .space import SearchSpace
     from .tracking import Tracker
 
 
@@ -56,6 +57,15 @@ class Workspace:
 
             self._dense = ensure_dense(self.config, self.inputs)
         return self._dense
+
+    def study_space(self, study: optuna.Study) -> SearchSpace:
+        """The search space ``study`` was made with: the config's, with the per-unit caps and the rules'
+        allocations the study stored when it was created (a resume decodes its trials the same way)."""
+        from .study import ALLOCATIONS_ATTR, UNIT_HIGH_ATTR
+
+        space = self.inputs.space.with_unit_highs(study.user_attrs.get(UNIT_HIGH_ATTR) or {})
+        allocations = study.user_attrs.get(ALLOCATIONS_ATTR)
+        return space.with_allocations(allocations) if allocations else space
 
     # ---- files ----
     def trial_dir(self, number: int) -> Path:
