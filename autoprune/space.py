@@ -232,6 +232,9 @@ class SearchSpace:
     def decode(self, params: Mapping[str, object]) -> Plan:
         """Sampled parameters -> the plan a trial executes (units at sparsity 0 are dropped)."""
         layers = self._global_layers(params) if self.parametrization == "global" else self._unit_layers(params)
+        layers += [LayerPlan(u.name, u.methods[0], 1.0) for u in self.units if u.removal and params[f"{u.name}/remove"]]
+        order = {unit.name: i for i, unit in enumerate(self.units)}
+        layers.sort(key=lambda layer: order[layer.layer])  # in unit order, as the model lists them
         quantize = self.quantize == "always" or bool(params.get(QUANTIZE_PARAM, False))
         schedule = str(params.get(SCHEDULE_PARAM, self.schedules[0]))
         rounds = self.iterative_rounds if schedule == "iterative" else 1
@@ -242,8 +245,6 @@ class SearchSpace:
         layers = []
         for unit in self.units:
             if unit.removal:
-                if params[f"{unit.name}/remove"]:
-                    layers.append(LayerPlan(unit.name, unit.methods[0], 1.0))
                 continue
             method = str(params.get(f"{unit.name}/method", unit.methods[0]))
             sparsity = float(params[f"{unit.name}/sparsity"])  # type: ignore[arg-type]
@@ -262,11 +263,7 @@ class SearchSpace:
         caps = dict(self.unit_high)
         layers = []
         for unit in self.units:
-            if unit.removal:
-                if params[f"{unit.name}/remove"]:
-                    layers.append(LayerPlan(unit.name, unit.methods[0], 1.0))
-                continue
-            if unit.name not in reference:
+            if unit.removal or unit.name not in reference:
                 continue
             shift = float(params[f"{unit.name}/shift"]) if self.spread > 0 else 0.0  # type: ignore[arg-type]
             sparsity = min(shifted(reference[unit.name], shift), caps.get(unit.name, 1.0), self.max_layer_sparsity)
