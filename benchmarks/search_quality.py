@@ -21,13 +21,18 @@ Arms:
 * ``search``: autoprune's default search through the Python API (``autoprune.Search``, TPE, the
   uniform baselines it enqueues, ``execution.backend: in_process``), methods l1_structured +
   l1_unstructured, sparsity 0-0.9 step 0.05, ``--trials`` trials;
-* ``random``: the same space with Optuna's random sampler and no baselines;
+* ``search_global``: the same with ``space.parametrization: global`` (a whole-model sparsity and a rule
+  whose per-unit allocation each unit shifts; the rules are points of that space);
+* ``random``: the per-unit space with Optuna's random sampler and no baselines;
 * ``uniform_s``: every structured unit at 25/50/75 % (l1_structured);
 * ``uniform_u``: every layer at 50/75/90 % (l1_unstructured);
 * ``global_mag``: one magnitude threshold over all Conv/Linear weights but the head
   (``torch.nn.utils.prune.global_unstructured``) at 50/75/90/95 %;
 * ``global_s``: Torch-Pruning ``MetaPruner(global_pruning=True)`` with group L2 magnitude (mean-normalised)
-  at 25/50/75 % of channels (attention modules ignored).
+  at 25/50/75 % of channels (attention modules ignored);
+* ``width``: the dense architecture 25/50/75 % narrower (every channel group, uniform structured shapes),
+  re-initialized and trained from scratch for the dense model's pre-training plus fine-tuning epochs
+  (not a simple rule: it is not in the union, and its epochs count pre-training).
 
 Printed per architecture: each arm's hypervolume on (test accuracy up, non-zero parameter fraction
 down) and on (test accuracy up, batch-64 latency fraction down), reference point (0, 1.0), also as a
@@ -272,13 +277,39 @@ class Bench:
         result.points = [self.point(m) for m in models]
         return result
 
-    def search(self, name: str, sampler: str, baselines: list[float] | None) -> ArmResult:
+    def width(self, fractions: tuple[float, ...]) -> ArmResult:
+        """The dense architecture with ``fraction`` of every prunable channel group's channels removed
+        (uniform structured pruning gives the shapes), re-initialized and trained from scratch with the
+        dense model's pre-training plus the fine-tuning budget (Liu et al. 2019, "Rethinking the Value of
+        Network Pruning"): is pruning worth more than a smaller model trained from the start?"""
+        from autoprune.trial import prune_model
+
+        result, models = ArmResult(), []
+        units = get_method("l1_structured").candidates(copy.deepcopy(self.dense), self.context)
+        started = time.perf_counter()
+        for fraction in fractions:
+            seed_everything(0)
+            model = prune_model(self.dense, uniform_plan("l1_structured", units, fraction), self.context)
+            for module in model.modules():
+                if hasattr(module, "reset_parameters") and module is not model:
+                    module.reset_parameters()
+            epochs = self.args.pretrain_epochs + self.args.epochs
+            train(model, self.train_loader, TrainSettings(epochs=epochs, lr=self.arch.lr))
+            result.epochs += epochs
+            models.append(model.eval())
+        result.seconds = time.perf_counter() - started
+        result.points = [self.point(m) for m in models]
+        return result
+
+    def search(self, name: str, sampler: str, baselines: list[float] | None,
+               parametrization: str = "per_unit") -> ArmResult:
         config = {
             "study": {"name": f"{self.arch.name}-{name}", "n_trials": self.args.trials, "sampler": sampler,
                       "seed": 0, "baselines": baselines},
             "work_dir": str(self.work / name),
             "space": {"methods": ["l1_structured", "l1_unstructured"], "sparsity": {"low": 0.0, "high": 0.9,
-                                                                                  "step": 0.05}},
+                                                                                  "step": 0.05},
+                      "parametrization": parametrization},
             "finetune": {"epochs": self.args.epochs, "screening": {"enabled": self.args.screening}},
             "latency": {"batch_size": 64, "rounds": 2, "min_run_time": 0.01},
             "execution": {"backend": "in_process"},
@@ -325,11 +356,13 @@ def run_arch(arch: Arch, args: argparse.Namespace) -> None:
               f"pre-training {bench.pretrain_s:.0f}s; fine-tuning {args.epochs} epoch(s) per model")
         arms: dict[str, ArmResult] = {}
         arms["search"] = bench.search("search", "tpe", None)
+        arms["search_global"] = bench.search("search_global", "tpe", None, parametrization="global")
         arms["random"] = bench.search("random", "random", [])
         arms["uniform_s"] = bench.uniform("l1_structured", (0.25, 0.5, 0.75))
         arms["uniform_u"] = bench.uniform("l1_unstructured", (0.5, 0.75, 0.9))
         arms["global_mag"] = bench.global_magnitude((0.5, 0.75, 0.9, 0.95))
         arms["global_s"] = bench.global_structured((0.25, 0.5, 0.75))
+        arms["width"] = bench.width((0.25, 0.5, 0.75))
     union = [p for name in SIMPLE for p in arms[name].points]
     hv_union = {axis: hypervolume(union, axis) for axis in ("nonzero", "latency")}
     for name in SIMPLE:
