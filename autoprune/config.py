@@ -245,6 +245,11 @@ class FinetuneConfig(_Strict):
     """Training batches to re-estimate BatchNorm statistics with after pruning, before fine-tuning (0: off);
     4 by benchmarks/recovery.py (better after 1 epoch, the same after 2)."""
     screening: ScreeningConfig = ScreeningConfig()
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Fine-tuning (and ``model.pretrain``) precision: fp32, or bf16 / fp16 autocast (fp16 with a gradient
+    scaler; bf16 works on CPUs too). The weights stay fp32."""
+    eval_precision: Literal["fp32", "bf16", "fp16"] | None = None
+    """Precision of every evaluation (dense and trials alike); default: ``precision``."""
 
 
 class LatencyConfig(_Strict):
@@ -252,6 +257,9 @@ class LatencyConfig(_Strict):
     threads: int = Field(1, ge=1)
     rounds: int = Field(5, ge=1)
     min_run_time: float = Field(0.05, gt=0)
+    device: Literal["cpu", "cuda"] | None = None
+    """Where latency is timed; default: the trial's device (``execution.device``). ``cpu`` times a model
+    trained on a GPU for deployment on a CPU."""
 
 
 class ExecutionConfig(_Strict):
@@ -261,16 +269,32 @@ class ExecutionConfig(_Strict):
     parallel: int = Field(2, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
+    """GPUs each trial asks Ray for: a fraction (0.25: four trials share a GPU) or a whole number."""
     memory_per_trial_mb: int | None = Field(None, ge=1)
     max_retries: int = Field(0, ge=0)
     debug: bool = False
     """Re-raise the first exception a trial raises, with its traceback, instead of failing the trial
     (``autoprune run --debug``); needs ``backend: in_process``."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the dense model is pre-trained and measured and trials run: ``auto`` uses CUDA when a trial is
+    given a GPU (``gpus_per_trial > 0`` and CUDA available), else the CPU; ``cuda`` fails trials where
+    CUDA is missing."""
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _gpu_share(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError(f"expected a fraction of one GPU (0 < x <= 1; 0.25 runs four trials per GPU) or a "
+                             f"whole number of GPUs, got {value}")
+        return value
 
     @model_validator(mode="after")
     def _debug_in_process(self) -> ExecutionConfig:
         if self.debug and self.backend != "in_process":
             raise ValueError("debug: true needs backend: in_process (trials raise in this process)")
+        if self.device == "cuda" and self.backend == "ray" and self.gpus_per_trial == 0:
+            raise ValueError("field 'execution.device': 'cuda' on the Ray backend needs execution.gpus_per_trial "
+                             "> 0 (Ray shows a task no GPU it did not ask for), got gpus_per_trial=0")
         return self
 
 
@@ -485,7 +509,13 @@ def config_changes(stored: Mapping[str, Any], current: Mapping[str, Any],
     def is_free(name: str) -> bool:
         return any(name == f or (f.endswith(".") and name.startswith(f)) or name.startswith(f + ".") for f in free)
 
-    return sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name) and not is_free(name))
+    defaults = _flatten(SearchConfig(study=StudyConfig(name="defaults")).snapshot())
+
+    def added_as_default(name: str) -> bool:  # a field newer than the study, at the value it searched with
+        return name not in old and name in defaults and new.get(name) == defaults[name]
+
+    return sorted(name for name in old.keys() | new.keys()
+                  if old.get(name) != new.get(name) and not is_free(name) and not added_as_default(name))
 
 
 def _check_work_dir(source: str | Path, config: SearchConfig) -> None:

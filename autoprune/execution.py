@@ -11,7 +11,14 @@ On a cluster (``execution.address``) each trial asks Ray for
 of memory; the user's factory modules travel to every node through the job's
 ``runtime_env`` (``py_modules``). A worker that dies mid-trial (killed, out of
 memory, node lost) is retried by Ray up to ``max_retries`` times; a trial that
-raises is not retried. Each result says where it ran (:attr:`placements`).
+raises is not retried. Each result says where it ran (:attr:`placements`: node, pid, ``device`` and
+``gpu_name``).
+
+GPUs: ``gpus_per_trial`` may be a fraction (0.25: four trials share one GPU). Ray sets each task's
+``CUDA_VISIBLE_DEVICES`` to the GPU it assigned, so a trial's ``cuda`` is that GPU; ``execution.device:
+auto`` uses it when Ray assigned one (``ray.get_gpu_ids()``). After each trial the CUDA caching allocator
+is emptied, so the next trial on that worker (or a neighbour sharing the GPU) gets the memory back; a CUDA
+out-of-memory error fails that trial only (kind ``out_of_memory``) and the search goes on.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -32,7 +39,7 @@ from torch import nn
 
 from .errors import UnsupportedLayerError
 from .plan import Plan, TrialFailure, bounded_traceback
-from .trial import Batches, DenseBaseline, TrialOutput, TrialSettings, run_trial
+from .trial import Batches, DenseBaseline, TrialOutput, TrialSettings, run_trial, trial_device
 
 Outcome = TrialOutput | TrialFailure
 
@@ -51,15 +58,31 @@ class TrialPayload:
     threads: int = 1
 
 
-def execute(payload: TrialPayload, plan: Plan) -> TrialOutput:
-    """Run one trial with the payload's settings (this is what a worker calls)."""
+def execute(payload: TrialPayload, plan: Plan, *, gpu_assigned: bool | None = None) -> TrialOutput:
+    """Run one trial with the payload's settings (this is what a worker calls); ``gpu_assigned``: whether Ray
+    gave this task a GPU (None: ``gpus_per_trial > 0``), for ``execution.device: auto``."""
     previous = torch.get_num_threads()
     torch.set_num_threads(payload.threads)
+    settings = payload.settings
     try:
-        return run_trial(payload.dense, payload.train_loader, payload.val_loader, plan,
-                         payload.settings, payload.baseline)
+        device = trial_device(settings, gpu_assigned)
+        settings = replace(settings, device=device.type)
+        return run_trial(payload.dense, payload.train_loader, payload.val_loader, plan, settings, payload.baseline)
     finally:
         torch.set_num_threads(previous)
+        if settings.device == "cuda":
+            torch.cuda.empty_cache()  # the memory goes back to the GPU for the next trial, failed or not
+
+
+def device_info(settings: TrialSettings, gpu_assigned: bool | None = None) -> dict[str, str]:
+    """Where a trial with ``settings`` runs, for its placement record: ``device`` and ``gpu_name``."""
+    try:
+        device = trial_device(settings, gpu_assigned)
+    except Exception:  # the trial itself fails with the reason
+        return {"device": f"{settings.device} (unavailable)"}
+    if device.type != "cuda":
+        return {"device": "cpu"}
+    return {"device": "cuda", "gpu_name": torch.cuda.get_device_name(device)}
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -74,7 +97,7 @@ def failure_kind(exc: BaseException) -> str:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, torch.OutOfMemoryError | MemoryError):
+        if isinstance(current, torch.OutOfMemoryError | MemoryError):  # CUDA's OOM is torch.OutOfMemoryError
             return "out_of_memory"
         if isinstance(current, UnsupportedLayerError):
             return "unsupported_layer"
@@ -122,7 +145,8 @@ class InProcessExecutor:
 
     def wait(self) -> list[tuple[int, Outcome]]:
         number, plan = self._queue.pop(0)
-        self.placements[number] = {"node_id": "in-process", "worker_pid": os.getpid()}
+        self.placements[number] = {"node_id": "in-process", "worker_pid": os.getpid(),
+                                   **device_info(self._payload.settings)}
         try:
             return [(number, execute(self._payload, plan))]
         except Exception as exc:
@@ -146,12 +170,14 @@ def _ray_trial(payload: TrialPayload, plan: Plan, module_names: tuple[str, ...])
     """The Ray task: run the trial and say where it ran (the trial itself stays torch-only)."""
     import ray
 
+    gpu_assigned = bool(ray.get_gpu_ids())  # Ray's assignment; CUDA_VISIBLE_DEVICES shows only that GPU
     where = {
         "node_id": ray.get_runtime_context().get_node_id(),
         "worker_pid": os.getpid(),
         "modules": {name: getattr(sys.modules.get(name), "__file__", None) for name in module_names},
+        **device_info(payload.settings, gpu_assigned),
     }
-    return execute(payload, plan), where
+    return execute(payload, plan, gpu_assigned=gpu_assigned), where
 
 
 class RayExecutor:

@@ -23,7 +23,7 @@ from .model_io import build_loaders, build_model, check_loaders, import_factory,
 from .space import SearchSpace, find_head
 from .task_check import check_task
 from .training import TrainSettings, train
-from .trial import Batches, Screening, TrialSettings
+from .trial import Batches, Screening, TrialSettings, trial_device
 
 
 @dataclass
@@ -117,6 +117,10 @@ def build_inputs(config: SearchConfig, live: Live | None = None) -> Inputs:
         test_loader=test_loader,
         bn_recalibration_batches=config.finetune.bn_recalibration_batches,
         screening=_screening(config),
+        device=config.execution.device,
+        gpus=config.execution.gpus_per_trial,
+        eval_precision=config.finetune.eval_precision or config.finetune.precision,
+        latency_device=config.latency.device,
     )
     example = next(iter(val_loader))[0][:1]
     context = PruneContext(example_inputs=example, protected=settings.protected,
@@ -137,7 +141,7 @@ def build_inputs(config: SearchConfig, live: Live | None = None) -> Inputs:
 def finetune_settings(config: SearchConfig, loss_fn: Any = None) -> TrainSettings:
     """The per-trial fine-tuning settings of ``config.finetune`` (distillation unpacked)."""
     ft = config.finetune
-    plain = ft.model_dump(exclude={"distill", "bn_recalibration_batches", "screening"})
+    plain = ft.model_dump(exclude={"distill", "bn_recalibration_batches", "screening", "eval_precision"})
     distill = {} if ft.distill is None else {"distill_weight": ft.distill.weight,
                                              "distill_temperature": ft.distill.temperature}
     return TrainSettings(**plain, **distill, loss_fn=loss_fn)
@@ -223,7 +227,8 @@ def ensure_dense(config: SearchConfig, inputs: Inputs) -> nn.Module:
         return model
     pre = config.model.pretrain
     settings = TrainSettings(epochs=pre.epochs, optimizer=pre.optimizer, lr=pre.lr,
-                             loss_fn=inputs.settings.finetune.loss_fn)
+                             loss_fn=inputs.settings.finetune.loss_fn, precision=config.finetune.precision)
+    device = trial_device(inputs.settings)  # pre-trained where the trials run (this process's GPU, if any)
     torch.manual_seed(config.study.seed)
     captured: list[dict[str, torch.Tensor]] = []
     after_step = None
@@ -239,7 +244,9 @@ def ensure_dense(config: SearchConfig, inputs: Inputs) -> nn.Module:
             if steps[0] == at_step:
                 captured.append(_clone_state(m))
 
-    train(model, inputs.train_loader, settings, after_step=after_step)
+    train(model.to(device), inputs.train_loader, settings, after_step=after_step)  # Module.to moves in place
+    model.to("cpu")  # kept and saved on the CPU: dense.pt does not depend on the device that trained it
+    captured = [{k: v.cpu() for k, v in state.items()} for state in captured]
     path.parent.mkdir(parents=True, exist_ok=True)
     if wants_early:
         if not captured:

@@ -109,7 +109,7 @@ def loop(workspace: Workspace, study: optuna.Study, space: SearchSpace, executor
                 if not tell_failure(study, trial, outcome, attrs):
                     continue  # another driver took the trial over as stale; its copy runs instead
                 failed += 1
-                front_size = report.trial_finished(study, number, plan, trial.user_attrs, None, outcome)
+                front_size = report.trial_finished(study, number, plan, {**trial.user_attrs, **attrs}, None, outcome)
                 message = f"trial {number} failed ({outcome.kind}): {outcome.reason.splitlines()[-1][:120]}"
             else:
                 _store_files(workspace, number, outcome)  # before tell: a COMPLETE trial always has its model
@@ -120,7 +120,8 @@ def loop(workspace: Workspace, study: optuna.Study, space: SearchSpace, executor
                                          config.space.constraints.model_dump())  # <= 0: within space.constraints
                 if not tell_success(study, trial, outcome.result, attrs, over):
                     continue
-                front_size = report.trial_finished(study, number, plan, trial.user_attrs, outcome.result, None)
+                front_size = report.trial_finished(study, number, plan, {**trial.user_attrs, **attrs}, outcome.result,
+                                                   None)
                 r = outcome.result
                 message = (f"trial {number}: accuracy {r.accuracy:.4f}, size {r.size_bytes:,} B, "
                            f"latency {r.latency_ms:.3f} ms")

@@ -21,6 +21,11 @@ the estimate from 20-60 % to about 1 % (benchmarks/RESULTS.md, "Latency spread")
 not remove: interference that slows the two models by different factors (e.g. cache pressure
 hitting the larger model harder).
 
+On CUDA (inputs and models on a GPU) the same functions apply: ``torch.utils.benchmark.Timer``
+synchronizes the device around each timed block, and every timing starts with a few untimed warm-up
+calls (kernel selection, allocator) followed by ``torch.cuda.synchronize``. ``threads`` then only
+limits the CPU threads that launch the kernels.
+
 All timing is single-threaded by default (``threads=1``): on a small shared machine, letting
 torch use several threads made medians swing by an order of magnitude.  Every function that
 changes ``torch.get_num_threads()`` restores it, and every function that switches a model to
@@ -38,6 +43,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
+
+from .training import as_fp32, autocast, model_device, synchronize, to_device
 
 __all__ = [
     "LatencySample",
@@ -94,12 +101,19 @@ def _num_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
+_model_device = model_device
+
+# Untimed calls before timing on CUDA: the first calls select kernels and grow the allocator's pools.
+_CUDA_WARMUP_CALLS = 10
+
+
+def _warm_up(models: Iterable[nn.Module], inputs: Tensor) -> None:
+    """One untimed call of each model (ten on CUDA), then wait for the device."""
+    calls = _CUDA_WARMUP_CALLS if inputs.device.type == "cuda" else 1
+    for model in models:
+        for _ in range(calls):
+            model(inputs)
+    synchronize(inputs.device)
 
 
 def top1(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -108,15 +122,17 @@ def top1(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def evaluate_accuracy(
-    model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], metric: Callable[[Tensor, Tensor], Tensor] | None = None
+    model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], metric: Callable[[Tensor, Tensor], Tensor] | None = None,
+    precision: str = "fp32",
 ) -> float:
     """Mean of ``metric(outputs, targets)`` over all samples of ``loader``; by default top-1 accuracy
     (fraction in [0, 1]) of a classifier: ``argmax`` over dim 1 of the output against class indices.
 
     ``metric`` returns one score per sample (a tensor of ``batch`` elements); higher is better.
     The model runs in eval mode under ``torch.no_grad()``; its training flags are restored.
-    Inputs are moved to the device of the model's first parameter.  Raises ``ValueError`` if the
-    loader yields no samples.
+    Inputs are moved to the device of the model's first parameter.  ``precision`` (``fp32``, ``bf16``,
+    ``fp16``) runs the forward pass under ``torch.autocast``; the metric sees fp32 outputs.  Raises
+    ``ValueError`` if the loader yields no samples.
     """
     metric = metric or top1
     device = _model_device(model)
@@ -124,9 +140,10 @@ def evaluate_accuracy(
     total = 0
     with _eval_mode(model), torch.no_grad():
         for inputs, targets in loader:
-            inputs = inputs.to(device)
-            targets = targets.to(device)
-            scores = metric(model(inputs), targets)
+            inputs, targets = to_device(inputs, device), to_device(targets, device)
+            with autocast(device, precision):
+                outputs = model(inputs)
+            scores = metric(as_fp32(outputs), targets)
             if scores.numel() != inputs.shape[0]:
                 raise ValueError(f"evaluate_accuracy: the metric returned {scores.numel()} scores for a batch "
                                  f"of {inputs.shape[0]}; expected one per sample")
@@ -199,10 +216,10 @@ def time_model(
     """Latency of ``model(inputs)`` with ``torch.utils.benchmark.Timer.blocked_autorange``.
 
     Eval mode, ``torch.inference_mode()``, ``threads`` intra-op threads (restored afterwards).
-    Runs one untimed warm-up call first.
+    Runs one untimed warm-up call first (ten on CUDA, then a synchronize).
     """
     with _num_threads(threads), _eval_mode(model), torch.inference_mode():
-        model(inputs)  # warm-up (allocator, lazy init)
+        _warm_up([model], inputs)  # allocator, lazy init, kernel selection
         measurement = _timer(model, inputs, threads).blocked_autorange(min_run_time=min_run_time)
     return _sample(list(measurement.times))
 
@@ -251,8 +268,7 @@ def time_interleaved(
     times: dict[str, list[float]] = {name: [] for name in names}
     with _num_threads(threads), torch.inference_mode(), _eval_modes(models.values()):
         timers = {name: _timer(models[name], inputs, threads) for name in names}
-        for name in names:
-            models[name](inputs)  # warm-up
+        _warm_up(models.values(), inputs)
         numbers = {name: _block_number(timers[name], _INTERLEAVE_BLOCK_S) for name in names}
         budget = min_run_time * len(names)
         for r in range(rounds):

@@ -22,7 +22,16 @@ from . import charts, pareto
 from .errors import AutopruneError
 from .plan import FAILURE_KINDS, Plan, TrialFailure, TrialResult
 from .space import SearchSpace
-from .study import BASELINE_ATTR, CONFIG_ATTR, DENSE_ATTR, EXTRA_ATTR, FAILURE_KIND_ATTR, REASON_ATTR, TRACEBACK_ATTR
+from .study import (
+    BASELINE_ATTR,
+    CONFIG_ATTR,
+    DENSE_ATTR,
+    EXTRA_ATTR,
+    FAILURE_KIND_ATTR,
+    REASON_ATTR,
+    TRACEBACK_ATTR,
+    WORKER_ATTR,
+)
 from .tracking import Tracker
 from .trial import DenseBaseline
 
@@ -105,6 +114,9 @@ class StudyReport:
         """Log trial ``number``, re-tag the front, log the hypervolume; returns the front's size."""
         self._plans[number] = plan
         extra_tags = {"baseline": str(user_attrs[BASELINE_ATTR])} if BASELINE_ATTR in user_attrs else {}
+        where = user_attrs.get(WORKER_ATTR)
+        if isinstance(where, Mapping) and where.get("gpu_name"):  # the GPU the trial ran on (Ray's, or this process's)
+            extra_tags["autoprune.gpu_name"] = str(where["gpu_name"])
         self.tracker.log_trial(self.parent_id, self.study_name, number, plan, result, failure, extra_tags)
         ranks = pareto.ranks(pareto.complete_trials(study))
         self._see_other_drivers(ranks)
@@ -212,8 +224,9 @@ class StudyReport:
                       "on_front": by_number[t.number].on_front, "feasible": by_number[t.number].feasible}
                      for t in trials if by_number[t.number].baseline]
         front_size = sum(1 for p in points if p.on_front)
+        latencies = f"latencies are for {self.baseline.latency_device}, batch {self.baseline.latency_batch}"
         title = (f"{self.study_name}: {len(points)} complete trials, {front_size} on the Pareto front, "
-                 f"hypervolume {hv:.4f}")
+                 f"hypervolume {hv:.4f}; {latencies}")
         document = {"study": self.study_name, "dense": asdict(self.baseline), "hypervolume": hv,
                     "accuracy_split": "validation", "test_split": any(p.test_accuracy is not None for p in points),
                     "complete_trials": len(points), "failed_trials": failed, "front": rows, "baselines": baselines}
@@ -223,7 +236,7 @@ class StudyReport:
             CHART_HTML: charts.html(points, self.baseline, title),
             CHART_PNG: charts.png(points, self.baseline, title),
             SUMMARY_MD: charts.summary_markdown(self.study_name, points, self.baseline, failed=failed,
-                                                hypervolume=hv),
+                                                hypervolume=hv) + f"\n_{latencies.capitalize()}._\n",
         }
         return Views(files, rows, points, hv, failed)
 

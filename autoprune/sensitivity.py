@@ -8,7 +8,8 @@ tolerance. The result is written to ``<work_dir>/sensitivity.json``; when a NEW
 study is created in that work dir, the search enqueues trials built from the
 bounds first (see :func:`seed_trials`).
 
-Runs in-process in the driver (torch only for the measuring; no Ray).
+Runs in-process in the driver (torch only for the measuring; no Ray), on the trials' device
+(``execution.device``) and in their evaluation precision.
 """
 
 from __future__ import annotations
@@ -141,9 +142,10 @@ def fingerprint(config: SearchConfig) -> str:
 # ---- measuring ----
 def measure_curves(dense: nn.Module, space: SearchSpace, context: PruneContext, val_loader: Any,
                    ratios: Sequence[float], methods: Sequence[str] | None = None, *, seed: int = 0,
-                   on_progress: ProgressFn | None = None, metric: Callable[[Any, Any], Any] | None = None
-                   ) -> tuple[float, list[Curve]]:
-    """Dense accuracy and one curve per (unit, method), ``methods`` restricting the methods."""
+                   on_progress: ProgressFn | None = None, metric: Callable[[Any, Any], Any] | None = None,
+                   precision: str = "fp32") -> tuple[float, list[Curve]]:
+    """Dense accuracy and one curve per (unit, method), ``methods`` restricting the methods; evaluated where
+    ``dense`` is, in ``precision``."""
     jobs: list[tuple[str, str, str, list[float]]] = []
     for unit in space.units:
         for method in unit.methods:
@@ -154,7 +156,7 @@ def measure_curves(dense: nn.Module, space: SearchSpace, context: PruneContext, 
             jobs.append((unit.name, method, family, points))
     total = 1 + sum(len(points) for *_, points in jobs)
     dense_params = measure.count_parameters(dense)[0]
-    dense_accuracy = measure.evaluate_accuracy(dense, val_loader, metric)
+    dense_accuracy = measure.evaluate_accuracy(dense, val_loader, metric, precision)
     done = 1
     if on_progress:
         on_progress(SensitivityProgress(done, total, f"dense accuracy {dense_accuracy:.4f}"))
@@ -163,7 +165,7 @@ def measure_curves(dense: nn.Module, space: SearchSpace, context: PruneContext, 
         curve = Curve(unit, method, family)
         for ratio in points:
             curve.points.append(_point(dense, unit, method, ratio, context, val_loader, dense_accuracy,
-                                       dense_params, seed, metric))
+                                       dense_params, seed, metric, precision))
             done += 1
             if on_progress:
                 p = curve.points[-1]
@@ -174,14 +176,14 @@ def measure_curves(dense: nn.Module, space: SearchSpace, context: PruneContext, 
 
 
 def _point(dense: nn.Module, unit: str, method: str, ratio: float, context: PruneContext, val_loader: Any,
-           dense_accuracy: float, dense_params: int, seed: int, metric: Callable[[Any, Any], Any] | None = None
-           ) -> Point:
+           dense_accuracy: float, dense_params: int, seed: int, metric: Callable[[Any, Any], Any] | None = None,
+           precision: str = "fp32") -> Point:
     from .trial import prune_model
 
     torch.manual_seed(seed)
     try:
         model = prune_model(dense, Plan((LayerPlan(unit, method, ratio),)), context)
-        accuracy = measure.evaluate_accuracy(model, val_loader, metric)
+        accuracy = measure.evaluate_accuracy(model, val_loader, metric, precision)
         _, nonzero = measure.count_parameters(model)
     except AutopruneError as exc:
         return Point(ratio, None, None, None, str(exc).splitlines()[0][:300])
@@ -377,7 +379,8 @@ def run_sensitivity(source: SearchConfig | Workspace, ratios: Sequence[float] = 
                     log_mlflow: bool = True, on_progress: ProgressFn | None = None) -> SensitivityResult:
     """Measure the curves of a config's (or workspace's) search space, write ``sensitivity.json``, log to
     MLflow."""
-    from .trial import make_context
+    from .training import to_device
+    from .trial import make_context, on_device, trial_device
     from .workspace import Workspace
 
     workspace = source if isinstance(source, Workspace) else Workspace(source)
@@ -404,11 +407,13 @@ def run_sensitivity(source: SearchConfig | Workspace, ratios: Sequence[float] = 
         on_progress(SensitivityProgress(0, 1, "dense model (pre-training once per study if configured)"))
     dense = workspace.dense()
     torch.manual_seed(config.study.seed)
-    example = next(iter(inputs.val_loader))[0][:1]
+    device = trial_device(inputs.settings)
+    example = to_device(next(iter(inputs.val_loader))[0][:1], device)
     context = make_context(inputs.train_loader, inputs.settings, example)
-    dense_accuracy, curves = measure_curves(dense, inputs.space, context, inputs.val_loader, ratios, methods,
-                                            seed=config.study.seed, on_progress=on_progress,
-                                            metric=inputs.settings.metric_fn)
+    dense_accuracy, curves = measure_curves(on_device(dense, device), inputs.space, context, inputs.val_loader,
+                                            ratios, methods, seed=config.study.seed, on_progress=on_progress,
+                                            metric=inputs.settings.metric_fn,
+                                            precision=inputs.settings.eval_precision)
     bounds = unit_bounds(inputs.space, curves, max_drop)
     used = [m for m in config.space.methods if any(c.method == m for c in curves)]
     result = SensitivityResult(config.study.name, dense_accuracy, [0.0, *[r for r in ratios if r > 0]], max_drop,

@@ -39,6 +39,8 @@ MODEL_TAG = "autoprune.model_id"
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"
 FAILURE_KIND_TAG = "autoprune.failure_kind"
+DEVICE_TAG = "autoprune.device"  # a trial run's: where it trained (cpu / cuda), from its result's extra
+LATENCY_DEVICE_TAG = "autoprune.latency_device"  # where its latency was timed
 TRACEBACK_FILE = "traceback.txt"  # a failed trial run's artifact: the full traceback
 MAX_PARAM_LENGTH = 6000
 MAX_NOTE_LENGTH = 8000  # MLflow's limit on a tag value
@@ -127,11 +129,13 @@ class Tracker:
         if existing:
             self.client.update_run(existing, status="RUNNING")
             return existing
+        words = {f"autoprune.dense_{k}": v for k, v in dense.items() if isinstance(v, str)}  # latency device
         run = self.client.create_run(self.experiment_id, run_name=study_name,
-                                     tags={STUDY_TAG: study_name, ROLE_TAG: "study"})
+                                     tags={STUDY_TAG: study_name, ROLE_TAG: "study", **words})
         run_id = run.info.run_id
         params = [Param(k, v[:MAX_PARAM_LENGTH]) for k, v in flatten(snapshot).items()]
-        metrics = [Metric(f"dense_{k}", float(v), _now(), 0) for k, v in dense.items() if v is not None]
+        metrics = [Metric(f"dense_{k}", float(v), _now(), 0) for k, v in dense.items()
+                   if v is not None and not isinstance(v, str)]
         for chunk in _batched(params):
             self.client.log_batch(run_id, params=chunk)
         self.client.log_batch(run_id, metrics=metrics)
@@ -172,6 +176,7 @@ class Tracker:
             tags["fail_reason"] = reason[:5000]
         if isinstance(failure, TrialFailure):
             tags[FAILURE_KIND_TAG] = failure.kind
+        tags.update(_device_tags(result))
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{number:04d}", tags=tags)
         run_id = run.info.run_id
         crash_point("mlflow.child_created")
@@ -385,6 +390,16 @@ def find_parent(tracking_uri: str, experiment: str, study_name: str) -> tuple[st
         [found.experiment_id],
         filter_string=f"tags.`{STUDY_TAG}` = '{study_name}' and tags.`{ROLE_TAG}` = 'study'", max_results=1)
     return (found.experiment_id, runs[0].info.run_id) if runs else None
+
+
+def _device_tags(result: TrialResult | None) -> dict[str, str]:
+    """Where a trial ran and was timed, from its result's ``extra`` (``on_cuda``, ``latency_on_cuda``: 0/1)."""
+    if result is None or "on_cuda" not in result.extra:
+        return {}
+    tags = {DEVICE_TAG: "cuda" if result.extra["on_cuda"] else "cpu"}
+    if "latency_on_cuda" in result.extra:
+        tags[LATENCY_DEVICE_TAG] = "cuda" if result.extra["latency_on_cuda"] else "cpu"
+    return tags
 
 
 def _plan_table(plan: Plan) -> dict[str, list[Any]]:

@@ -1,12 +1,82 @@
-"""The training loop shared by dense pre-training and per-trial fine-tuning (torch only)."""
+"""The training loop shared by dense pre-training and per-trial fine-tuning (torch only).
+
+Devices and precision: the loop runs where the model is (each batch is moved to the model's device as it is
+read, ``non_blocking`` so that pinned batches copy asynchronously) and in ``TrainSettings.precision``
+(``fp32``, or ``bf16`` / ``fp16`` under ``torch.autocast``; ``fp16`` with a gradient scaler). Which device a
+trial uses is decided once, by :func:`resolve_device`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(requested: str, gpu_assigned: bool, field: str = "execution.device") -> torch.device:
+    """The device a trial (or the dense model's pre-training and measuring) runs on.
+
+    ``auto``: CUDA when this process was given a GPU (``gpu_assigned``: Ray assigned it one, or
+    ``execution.gpus_per_trial > 0`` in-process) and torch sees CUDA, else CPU. ``cuda`` means index 0 of the
+    visible devices: Ray sets ``CUDA_VISIBLE_DEVICES`` to the GPU it assigned, so that is the trial's own.
+    ``cuda`` without CUDA raises :class:`ConfigError` (the trial fails with that message) instead of silently
+    training on the CPU.
+    """
+    if requested not in DEVICES:
+        raise ConfigError(f"field {field!r}: expected one of {', '.join(DEVICES)}, got {requested!r}")
+    available = torch.cuda.is_available()
+    if requested == "cuda" and not available:
+        raise ConfigError(f"field {field!r}: 'cuda' needs CUDA, but torch.cuda.is_available() is False here "
+                          f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use 'auto' or 'cpu', "
+                          "or run the trials where a GPU is (execution.gpus_per_trial > 0)")
+    if requested == "cuda" or (requested == "auto" and available and gpu_assigned):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a model with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``batch`` on ``device`` (no copy if it is there already); asynchronous from pinned memory."""
+    return batch.to(device, non_blocking=True)
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager[object]:
+    """``torch.autocast`` for ``bf16`` / ``fp16`` on ``device``; nothing for ``fp32``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in _DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+def as_fp32(outputs: object) -> object:
+    """Floating-point tensor outputs as fp32 (after autocast: losses and metrics in full precision); any other
+    output (a tuple, a dict of a user's model) as it is."""
+    return outputs.float() if isinstance(outputs, torch.Tensor) and outputs.is_floating_point() else outputs
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so that a wall-clock time covers it (nothing to do on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @dataclass(frozen=True)
@@ -24,6 +94,8 @@ class TrainSettings:
     distill_weight: float = 0.0
     """Knowledge distillation from a teacher (the dense model): ``(1-w) * task + w * distillation``; 0: off."""
     distill_temperature: float = 4.0
+    precision: str = "fp32"
+    """``fp32``, ``bf16`` or ``fp16`` (autocast; ``fp16`` with a gradient scaler): see :func:`autocast`."""
 
 
 def make_optimizer(params: Iterable[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
@@ -50,9 +122,11 @@ def train(
     """Train ``model`` in place; return the mean loss of the last epoch.
 
     ``after_step`` runs after every optimizer step: fine-tuning uses it to keep
-    unstructured-pruned weights at zero. With ``settings.distill_weight > 0`` and a ``teacher`` (in
-    eval mode, never changed), the loss is :func:`distillation_loss`. ``settings.lr_schedule`` steps
-    once per batch over ``epochs x`` batches per epoch.
+    unstructured-pruned weights at zero. Batches go to the model's device as they are read; forward and
+    loss run in ``settings.precision`` (the weights and optimizer state stay fp32; with ``fp16`` a
+    ``GradScaler`` scales the loss, and a step whose gradients overflow is skipped). With
+    ``settings.distill_weight > 0`` and a ``teacher`` (in eval mode, never changed), the loss is
+    :func:`distillation_loss`. ``settings.lr_schedule`` steps once per batch over ``epochs x`` batches per epoch.
     """
     if settings.epochs == 0:
         return float("nan")
@@ -61,6 +135,8 @@ def train(
     distill = teacher is not None and settings.distill_weight > 0
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
     scheduler = make_scheduler(optimizer, settings, loader)
+    device = model_device(model)
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
     if distill:
         teacher_was_training = teacher.training
         teacher.eval()
@@ -72,17 +148,21 @@ def train(
         for step, (inputs, targets) in enumerate(loader):
             if settings.max_batches is not None and step >= settings.max_batches:
                 break
+            inputs, targets = to_device(inputs, device), to_device(targets, device)
             optimizer.zero_grad(set_to_none=True)
-            outputs = model(inputs)
-            if distill:
-                with torch.no_grad():
-                    teacher_outputs = teacher(inputs)
-                loss = distillation_loss(outputs, teacher_outputs, targets, task_loss, settings.distill_weight,
-                                         settings.distill_temperature, classification=classification)
-            else:
-                loss = task_loss(outputs, targets)
-            loss.backward()
-            optimizer.step()
+            with autocast(device, settings.precision):
+                outputs = model(inputs)
+                if distill:
+                    with torch.no_grad():
+                        teacher_outputs = teacher(inputs)
+                    loss = distillation_loss(as_fp32(outputs), as_fp32(teacher_outputs), targets, task_loss,
+                                             settings.distill_weight, settings.distill_temperature,
+                                             classification=classification)
+                else:
+                    loss = task_loss(as_fp32(outputs), targets)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             # the last batch used the schedule's last rate: stepping on would overrun OneCycleLR
             if scheduler is not None and stepped < scheduler.total_steps - 1:  # type: ignore[attr-defined]
                 scheduler.step()
@@ -170,12 +250,13 @@ def recalibrate_batchnorm(
         m.momentum = None
     model.train()
     used = 0
+    device = model_device(model)
     try:
         with torch.no_grad():
             for inputs, _ in loader:
                 if used >= batches:
                     break
-                model(inputs)
+                model(to_device(inputs, device))
                 used += 1
     finally:
         for m, momentum, (mean, var, tracked) in zip(norms, momenta, saved, strict=True):

@@ -17,6 +17,14 @@ with the trials' budget (:func:`measure_finetuned_dense`). Fine-tuning recovery:
 re-estimated after each pruning step (``bn_recalibration_batches``) and the dense model is the distillation
 teacher; ``extra`` also says ``finetune_epochs_spent`` and, with screening (:class:`Screening`),
 ``screened_accuracy`` (the pruned model's validation accuracy before fine-tuning).
+
+Devices: a trial runs on :func:`trial_device` (``TrialSettings.device``: ``auto`` picks CUDA when the trial
+was given a GPU). The dense model is copied there (the caller's stays where it is), calibration batches for
+the scores are moved there, and training and evaluation move each batch as they read it. Fine-tuning and
+evaluation run in ``finetune.precision`` / ``eval_precision``. The model's files are written from a CPU copy,
+so they do not depend on the device that made them; int8 quantization runs on the CPU. Latency is timed on
+``latency_device`` (default: the trial's). ``extra`` says ``on_cuda`` and ``latency_on_cuda`` (0/1) and, on
+CUDA, ``gpu_peak_memory_mb``.
 """
 
 from __future__ import annotations
@@ -33,10 +41,19 @@ import torch
 from torch import nn
 
 from . import measure, model_files, quantize, schedule
+from .errors import ConfigError
 from .methods import PruneContext, get_method
 from .methods import unstructured as unstructured_methods
 from .plan import Plan, TrialResult
-from .training import TrainSettings, recalibrate_batchnorm, steps_per_epoch
+from .training import (
+    TrainSettings,
+    model_device,
+    recalibrate_batchnorm,
+    resolve_device,
+    steps_per_epoch,
+    synchronize,
+    to_device,
+)
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -67,6 +84,14 @@ class TrialSettings:
     """Training batches to re-estimate BatchNorm statistics with after each pruning step (0: off)."""
     screening: Screening | None = None
     """Multi-fidelity screening of the pruned model before fine-tuning (None: every plan gets the full budget)."""
+    device: str = "cpu"
+    """``auto``, ``cpu`` or ``cuda`` (``execution.device``): where the trial trains, evaluates and times."""
+    gpus: float = 0.0
+    """The GPUs each trial is given (``execution.gpus_per_trial``): ``auto`` picks CUDA only when > 0."""
+    eval_precision: str = "fp32"
+    """Precision of every evaluation (``finetune.eval_precision``, default ``finetune.precision``)."""
+    latency_device: str | None = None
+    """``cpu`` or ``cuda`` (``latency.device``); None: the trial's device."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +119,10 @@ class DenseBaseline:
     test_accuracy: float | None = None
     """On the test split (when the data give one); never used to select."""
     finetuned_test_accuracy: float | None = None
+    latency_device: str = "cpu"
+    """Where ``latency_ms`` was timed (``cpu`` or ``cuda``); every trial's latency is for this device..."""
+    latency_batch: int = 1
+    """...and this batch size."""
 
     @property
     def reference_accuracy(self) -> float:
@@ -110,8 +139,33 @@ class TrialOutput:
     skeleton: bytes
 
 
+def trial_device(settings: TrialSettings, gpu_assigned: bool | None = None) -> torch.device:
+    """The device of a trial with ``settings`` (:func:`~autoprune.training.resolve_device`); ``gpu_assigned``:
+    whether this process was given a GPU (Ray's assignment), by default ``settings.gpus > 0``."""
+    return resolve_device(settings.device, settings.gpus > 0 if gpu_assigned is None else gpu_assigned)
+
+
+def latency_device(settings: TrialSettings, device: torch.device) -> torch.device:
+    """Where latency is timed: ``settings.latency_device``, or the trial's ``device``."""
+    if settings.latency_device is None:
+        return device
+    return resolve_device(settings.latency_device, True, field="latency.device")
+
+
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` itself if it is on ``device``, else a copy there (the original is never moved). ``cuda`` and
+    ``cuda:0`` are the same device here (a trial sees only its own GPU, as index 0)."""
+    here = model_device(model)
+    if here.type == device.type and (here.index or 0) == (device.index or 0):
+        return model
+    return copy.deepcopy(model).to(device)
+
+
 def make_context(train_loader: Batches, settings: TrialSettings, example: torch.Tensor) -> PruneContext:
-    calibration = list(islice(iter(train_loader), settings.calibration_batches))
+    """The pruning methods' inputs; calibration batches are moved to the device of ``example``."""
+    device = example.device
+    calibration = [(to_device(x, device), to_device(y, device))
+                   for x, y in islice(iter(train_loader), settings.calibration_batches)]
     return PruneContext(
         example_inputs=example,
         calibration_batches=calibration,
@@ -192,6 +246,7 @@ def prune_and_finetune(
             steps.check(model)
         started = time.perf_counter()
         schedule.finetune(model, train_loader, ft, budgets[step - 1], masks, teacher=dense)
+        synchronize(model_device(model))  # CUDA runs asynchronously: the time includes the queued work
         train_seconds += time.perf_counter() - started
     steps.check(model)  # zeros held through fine-tuning
     if info is not None:
@@ -208,39 +263,54 @@ def run_trial(
     settings: TrialSettings,
     baseline: DenseBaseline,
 ) -> TrialOutput:
-    """Prune, fine-tune, quantize if planned, and measure one model; raises if any step fails."""
+    """Prune, fine-tune, quantize if planned, and measure one model; raises if any step fails.
+
+    Runs on :func:`trial_device`; ``dense`` is not moved (a copy goes to the device when it is elsewhere).
+    """
     torch.manual_seed(settings.seed)
-    example = next(iter(val_loader))[0][:1]
+    device = trial_device(settings)
+    timing_device = latency_device(settings, device)
+    if plan.quantize and timing_device.type != "cpu":
+        raise ConfigError(f"field 'latency.device': int8-quantized models (space.quantize) run on the CPU only; "
+                          f"expected cpu for a plan that quantizes, got {timing_device.type}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    dense = on_device(dense, device)
+    example = to_device(next(iter(val_loader))[0][:1], device)
     context = make_context(train_loader, settings, example)
+    evaluate = _evaluator(settings)
     info: dict[str, float] = {}
     screen = None
     if settings.screening is not None:
         threshold = settings.screening.min_accuracy_fraction * baseline.accuracy
 
         def screen(pruned: nn.Module) -> bool:
-            info["screened_accuracy"] = measure.evaluate_accuracy(pruned, val_loader, settings.metric_fn)
+            info["screened_accuracy"] = evaluate(pruned, val_loader)
             return info["screened_accuracy"] >= threshold
 
     model, train_seconds = prune_and_finetune(dense, train_loader, plan, settings, context, screen=screen, info=info)
     macs = measure.count_macs(model, example)
-    extra = {"quantized": float(plan.quantize), "rewound": float(plan.rewind), "rounds": float(plan.rounds), **info}
+    extra = {"quantized": float(plan.quantize), "rewound": float(plan.rewind), "rounds": float(plan.rounds), **info,
+             "on_cuda": float(device.type == "cuda"), "latency_on_cuda": float(timing_device.type == "cuda")}
     if plan.quantize:
-        extra["accuracy_before_quantization"] = measure.evaluate_accuracy(model, val_loader, settings.metric_fn)
-        model = quantize.quantize_model(model, example)
+        extra["accuracy_before_quantization"] = evaluate(model, val_loader)
+        model = quantize.quantize_model(model.cpu(), example.cpu())  # dynamic int8 kernels: CPU only
 
-    accuracy = measure.evaluate_accuracy(model, val_loader, settings.metric_fn)
+    accuracy = evaluate(model, val_loader)
     if settings.test_loader is not None:  # reported, never an objective
-        extra["test_accuracy"] = measure.evaluate_accuracy(model, settings.test_loader, settings.metric_fn)
+        extra["test_accuracy"] = evaluate(model, settings.test_loader)
     params, nonzero = quantize.parameter_counts(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        files = model_files.save_model(model, tmp)
-        weights = Path(files.weights_path).read_bytes()
-        skeleton = Path(files.skeleton_path).read_bytes()
-    inputs = _latency_inputs(val_loader, settings.latency_batch)
+    files, weights, skeleton = _model_files(model)
+    if device.type == "cuda":
+        extra["gpu_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    inputs = to_device(_latency_inputs(val_loader, settings.latency_batch), timing_device)
     latency_ms, raw_ms, ratio = measure.honest_latency_ms(
-        model, dense, inputs, dense_alone_ms=baseline.latency_ms,
+        model.to(timing_device), on_device(dense, timing_device), inputs, dense_alone_ms=baseline.latency_ms,
         threads=settings.latency_threads, rounds=settings.latency_rounds,
     )
+    if baseline.latency_device != timing_device.type:  # the reference was timed elsewhere: no scaling by it
+        latency_ms = raw_ms
+        extra["latency_unscaled"] = 1.0
     result = TrialResult(
         accuracy=accuracy,
         accuracy_drop=baseline.reference_accuracy - accuracy,
@@ -256,6 +326,21 @@ def run_trial(
         extra=extra,
     )
     return TrialOutput(result, weights, skeleton)
+
+
+def _evaluator(settings: TrialSettings) -> Callable[[nn.Module, Batches], float]:
+    """``evaluate(model, loader)``: the task's metric in the settings' evaluation precision."""
+    def evaluate(model: nn.Module, loader: Batches) -> float:
+        return measure.evaluate_accuracy(model, loader, settings.metric_fn, settings.eval_precision)
+    return evaluate
+
+
+def _model_files(model: nn.Module) -> tuple[model_files.ModelFiles, bytes, bytes]:
+    """The model's files (and their bytes), written from a CPU copy: the same files whatever device trained it."""
+    cpu_model = on_device(model, torch.device("cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        files = model_files.save_model(cpu_model, tmp)
+        return files, Path(files.weights_path).read_bytes(), Path(files.skeleton_path).read_bytes()
 
 
 def _latency_inputs(loader: Batches, batch_size: int) -> torch.Tensor:
@@ -274,18 +359,24 @@ def measure_dense(
     """
     if min_run_time is None:
         min_run_time = 10 * settings.latency_min_run_time
-    example = next(iter(val_loader))[0][:1]
-    inputs = _latency_inputs(val_loader, settings.latency_batch)
-    latency_ms = measure.reference_latency_ms(dense, inputs, threads=settings.latency_threads,
-                                              min_run_time=min_run_time)
+    device = trial_device(settings)
+    timing_device = latency_device(settings, device)
+    example = to_device(next(iter(val_loader))[0][:1], device)
+    here = on_device(dense, device)
+    inputs = to_device(_latency_inputs(val_loader, settings.latency_batch), timing_device)
+    latency_ms = measure.reference_latency_ms(on_device(here, timing_device), inputs,
+                                              threads=settings.latency_threads, min_run_time=min_run_time)
     test = settings.test_loader
+    evaluate = _evaluator(settings)
     return DenseBaseline(
-        accuracy=measure.evaluate_accuracy(dense, val_loader, settings.metric_fn),
+        accuracy=evaluate(here, val_loader),
         latency_ms=latency_ms,
-        size_bytes=model_files.model_size_bytes(dense),
+        size_bytes=model_files.model_size_bytes(on_device(dense, torch.device("cpu"))),
         params=measure.count_parameters(dense)[0],
-        macs=measure.count_macs(dense, example),
-        test_accuracy=None if test is None else measure.evaluate_accuracy(dense, test, settings.metric_fn),
+        macs=measure.count_macs(here, example),
+        test_accuracy=None if test is None else evaluate(here, test),
+        latency_device=timing_device.type,
+        latency_batch=settings.latency_batch,
     )
 
 
@@ -295,9 +386,10 @@ def measure_finetuned_dense(dense: nn.Module, train_loader: Batches, val_loader:
     is (same settings and budget, an empty plan: nothing pruned), so that accuracy drops do not count the
     extra training a trial gets as recovery. ``dense`` is not changed."""
     torch.manual_seed(settings.seed)
-    context = make_context(train_loader, settings, next(iter(val_loader))[0][:1])
-    model, _ = prune_and_finetune(dense, train_loader, Plan(()), settings, context)
+    device = trial_device(settings)
+    context = make_context(train_loader, settings, to_device(next(iter(val_loader))[0][:1], device))
+    model, _ = prune_and_finetune(on_device(dense, device), train_loader, Plan(()), settings, context)
     test = settings.test_loader
-    return replace(baseline, finetuned_accuracy=measure.evaluate_accuracy(model, val_loader, settings.metric_fn),
-                   finetuned_test_accuracy=None if test is None else measure.evaluate_accuracy(
-                       model, test, settings.metric_fn))
+    evaluate = _evaluator(settings)
+    return replace(baseline, finetuned_accuracy=evaluate(model, val_loader),
+                   finetuned_test_accuracy=None if test is None else evaluate(model, test))

@@ -82,6 +82,15 @@ execution: {parallel: 2, cpus_per_trial: 1}
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two threads made training several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_project(tmp_path: Path) -> Path:
     """A directory with ``tinymod.py`` and ``search.yaml``; returns the config path."""
     (tmp_path / "tinymod.py").write_text(TINY_MODULE)

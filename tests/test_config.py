@@ -97,3 +97,16 @@ def test_baselines_default_to_the_sparsity_range(tiny_project: Path) -> None:
     with pytest.raises(ConfigError, match=r"field 'study.baselines': expected sparsities within space.sparsity "
                                           r"\[0.1, 0.8\], got 0.9"):
         load_config(tiny_project, ["study.baselines=[0.9]"])
+
+
+def test_a_field_newer_than_the_study_is_no_change_at_its_default(tiny_project: Path) -> None:
+    """A study made before a field existed searched with what is now its default: resuming it is allowed;
+    any other value of the new field is a change."""
+    from autoprune.config import config_changes
+
+    current = load_config(tiny_project).snapshot()
+    stored = {**current, "finetune": {k: v for k, v in current["finetune"].items() if k != "precision"},
+              "space": {k: v for k, v in current["space"].items() if k not in ("parametrization", "allocation_spread")}}
+    assert config_changes(stored, current) == []
+    edited = load_config(tiny_project, ["finetune.precision=bf16", "space.parametrization=global"]).snapshot()
+    assert config_changes(stored, edited) == ["finetune.precision", "space.parametrization"]

@@ -19,14 +19,6 @@ from autoprune.training import TrainSettings, train
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two threads made training several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def space_module(name: str) -> ModuleType:
     """Import a factory module from search_spaces/ the way autoprune does (the directory on sys.path)."""

