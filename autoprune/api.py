@@ -54,6 +54,8 @@ class TrialRecord:
     nonzero_params: int | None = None
     macs: int | None = None
     param_sparsity: float | None = None
+    finetune_epochs_spent: float | None = None
+    """What the trial's fine-tuning cost; below ``finetune.epochs`` where screening stopped it early."""
     on_front: bool = False
     baseline: str | None = None
     fail_reason: str | None = None

@@ -193,16 +193,14 @@ def seed_trials(space: SearchSpace, model: nn.Module, context: PruneContext, rul
         units = [u.name for u in space.units if not u.removal and method in u.methods] if method else []
         if not units:
             continue
-        for s in sparsities:
-            try:
-                if rule == "global_magnitude":
-                    allocation = global_magnitude(model, units, s, context.max_layer_sparsity)
-                else:
-                    allocation = global_structured(model, units, s, context.example_inputs, context.protected,
-                                                   context.max_layer_sparsity)
-            except Exception as exc:  # a rule the model defeats must not stop the search: said, and skipped
-                log.warning("baseline rule %s at %g skipped: %s: %s", rule, s, type(exc).__name__, exc)
-                continue
+        try:
+            scores = (_magnitude_scores(model, units) if rule == "global_magnitude" else
+                      _structured_scores(model, units, context.example_inputs, context.protected))
+        except Exception as exc:  # a rule the model defeats must not stop the search: said, and skipped
+            log.warning("baseline rule %s skipped: %s: %s", rule, type(exc).__name__, exc)
+            continue
+        for s, counts in zip(sparsities, _allocate_many(scores, sparsities, context.max_layer_sparsity), strict=True):
+            allocation = {name: counts[name] / scores[name].numel() for name in units}
             trials.append((_label(rule, s, methods), space.allocation_params(allocation, method)))
     return trials
 

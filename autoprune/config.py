@@ -228,6 +228,10 @@ class ScreeningConfig(_Strict):
     """A plan whose accuracy right after pruning is below this fraction of the dense accuracy is screened out."""
     short_fraction: float = Field(0.25, ge=0.0, lt=1.0)
     """Fraction of the fine-tuning steps a screened-out plan gets (0: none)."""
+    max_dominated: int | None = Field(None, ge=1)
+    """Successive halving: every one-shot plan first gets ``short_fraction`` of the fine-tuning, and the rest
+    only if fewer than this many earlier plans beat it then on both validation accuracy and non-zero
+    parameters (and the accuracy threshold holds). None: screen on accuracy right after pruning only."""
 
 
 class FinetuneConfig(_Strict):

@@ -42,6 +42,8 @@ from .plan import Plan, TrialFailure, bounded_traceback
 from .trial import Batches, DenseBaseline, TrialOutput, TrialSettings, run_trial, trial_device
 
 Outcome = TrialOutput | TrialFailure
+Rivals = tuple[tuple[float, int], ...]
+"""(screened accuracy, non-zero parameters) of earlier trials, for screening by domination."""
 
 log = logging.getLogger("autoprune")
 
@@ -58,12 +60,16 @@ class TrialPayload:
     threads: int = 1
 
 
-def execute(payload: TrialPayload, plan: Plan, *, gpu_assigned: bool | None = None) -> TrialOutput:
+def execute(payload: TrialPayload, plan: Plan, *, gpu_assigned: bool | None = None,
+            rivals: Rivals = ()) -> TrialOutput:
     """Run one trial with the payload's settings (this is what a worker calls); ``gpu_assigned``: whether Ray
-    gave this task a GPU (None: ``gpus_per_trial > 0``), for ``execution.device: auto``."""
+    gave this task a GPU (None: ``gpus_per_trial > 0``), for ``execution.device: auto``; ``rivals``: the
+    screening results of earlier trials (:class:`~autoprune.trial.Screening`), when the search screens."""
     previous = torch.get_num_threads()
     torch.set_num_threads(payload.threads)
     settings = payload.settings
+    if rivals and settings.screening is not None:
+        settings = replace(settings, screening=replace(settings.screening, rivals=tuple(rivals)))
     try:
         device = trial_device(settings, gpu_assigned)
         settings = replace(settings, device=device.type)
@@ -116,7 +122,7 @@ class Executor(Protocol):
     placements: dict[int, dict[str, Any]]
     """Where each finished trial ran (``node_id``, ``worker_pid``, ``modules``), by trial number."""
 
-    def submit(self, number: int, plan: Plan) -> None: ...
+    def submit(self, number: int, plan: Plan, rivals: Rivals = ()) -> None: ...
 
     def wait(self) -> list[tuple[int, Outcome]]:
         """Block until at least one submitted trial ends; return those that ended."""
@@ -137,18 +143,18 @@ class InProcessExecutor:
     def __init__(self, payload: TrialPayload, *, debug: bool = False) -> None:
         self._payload = payload
         self._debug = debug
-        self._queue: list[tuple[int, Plan]] = []
+        self._queue: list[tuple[int, Plan, Rivals]] = []
         self.placements: dict[int, dict[str, Any]] = {}
 
-    def submit(self, number: int, plan: Plan) -> None:
-        self._queue.append((number, plan))
+    def submit(self, number: int, plan: Plan, rivals: Rivals = ()) -> None:
+        self._queue.append((number, plan, rivals))
 
     def wait(self) -> list[tuple[int, Outcome]]:
-        number, plan = self._queue.pop(0)
+        number, plan, rivals = self._queue.pop(0)
         self.placements[number] = {"node_id": "in-process", "worker_pid": os.getpid(),
                                    **device_info(self._payload.settings)}
         try:
-            return [(number, execute(self._payload, plan))]
+            return [(number, execute(self._payload, plan, rivals=rivals))]
         except Exception as exc:
             if not self._debug:
                 return [(number, trial_failure(exc))]
@@ -166,7 +172,8 @@ class InProcessExecutor:
         self._queue.clear()
 
 
-def _ray_trial(payload: TrialPayload, plan: Plan, module_names: tuple[str, ...]) -> tuple[TrialOutput, dict]:
+def _ray_trial(payload: TrialPayload, plan: Plan, module_names: tuple[str, ...],
+               rivals: Rivals = ()) -> tuple[TrialOutput, dict]:
     """The Ray task: run the trial and say where it ran (the trial itself stays torch-only)."""
     import ray
 
@@ -177,7 +184,7 @@ def _ray_trial(payload: TrialPayload, plan: Plan, module_names: tuple[str, ...])
         "modules": {name: getattr(sys.modules.get(name), "__file__", None) for name in module_names},
         **device_info(payload.settings, gpu_assigned),
     }
-    return execute(payload, plan, gpu_assigned=gpu_assigned), where
+    return execute(payload, plan, gpu_assigned=gpu_assigned, rivals=rivals), where
 
 
 class RayExecutor:
@@ -249,8 +256,8 @@ class RayExecutor:
                         "until one joins (execution.cpus_per_trial / gpus_per_trial / memory_per_trial_mb)",
                         address or "(local)", {k: v for k, v in wanted.items() if v})
 
-    def submit(self, number: int, plan: Plan) -> None:
-        ref = self._remote.remote(self._payload_ref, plan, self._module_names)
+    def submit(self, number: int, plan: Plan, rivals: Rivals = ()) -> None:
+        ref = self._remote.remote(self._payload_ref, plan, self._module_names, rivals)
         self._pending[ref] = number
 
     def wait(self) -> list[tuple[int, Outcome]]:

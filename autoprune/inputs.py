@@ -151,7 +151,8 @@ def _screening(config: SearchConfig) -> Screening | None:
     screening = config.finetune.screening
     if not screening.enabled:
         return None
-    return Screening(min_accuracy_fraction=screening.min_accuracy_fraction, short_fraction=screening.short_fraction)
+    return Screening(min_accuracy_fraction=screening.min_accuracy_fraction, short_fraction=screening.short_fraction,
+                     max_dominated=screening.max_dominated)
 
 
 def fingerprint(inputs: Inputs) -> dict[str, Any]:

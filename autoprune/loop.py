@@ -23,7 +23,7 @@ from .execution import Executor, InProcessExecutor, RayExecutor, TrialPayload
 from .plan import Plan, TrialFailure
 from .report import StudyReport
 from .space import SearchSpace
-from .study import WORKER_ATTR, constraint_values, counted_trials, tell_failure, tell_success
+from .study import WORKER_ATTR, constraint_values, counted_trials, screening_rivals, tell_failure, tell_success
 from .trial import TrialOutput
 from .workspace import Workspace
 
@@ -69,6 +69,8 @@ def loop(workspace: Workspace, study: optuna.Study, space: SearchSpace, executor
     config = workspace.config
     target, parallel = config.study.n_trials, config.execution.parallel
     distributions = space.distributions()
+    screening = config.finetune.screening
+    halving = screening.enabled and screening.max_dominated is not None  # trials compare with earlier ones
     inflight: dict[int, tuple[optuna.Trial, Plan]] = {}
     failed = 0
     front_size = len(study.best_trials) if pareto.complete_trials(study) else 0
@@ -85,7 +87,7 @@ def loop(workspace: Workspace, study: optuna.Study, space: SearchSpace, executor
                 break
             plan = space.decode(trial.params)
             inflight[trial.number] = (trial, plan)
-            executor.submit(trial.number, plan)
+            executor.submit(trial.number, plan, screening_rivals(study) if halving else ())
             crash_point("trial.submitted")
         if executor.running == 0:
             if counted_trials(study) >= target:

@@ -24,9 +24,10 @@ from optuna.trial import FrozenTrial, TrialState
 from .study import BASELINE_ATTR, STALE_ATTR
 
 FRONT_COLUMNS = ("trial", "accuracy", "accuracy_drop", "test_accuracy", "size_bytes", "latency_ms", "params",
-                 "nonzero_params", "macs", "param_sparsity")
+                 "nonzero_params", "macs", "param_sparsity", "finetune_epochs_spent")
 """``accuracy`` is on the validation data (what the front is selected on); ``test_accuracy`` on the data's
-test split (empty without one)."""
+test split (empty without one); ``finetune_epochs_spent``: what the point cost (less than ``finetune.epochs``
+for a plan that screening stopped early)."""
 
 
 def _losses(trials: Sequence[FrozenTrial]) -> np.ndarray:

@@ -195,3 +195,14 @@ def tell_failure(study: optuna.Study, trial: optuna.Trial, failure: TrialFailure
 def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
     """The Pareto-optimal complete trials, by trial number."""
     return sorted(study.best_trials, key=lambda t: t.number)
+
+
+def screening_rivals(study: optuna.Study) -> tuple[tuple[float, int], ...]:
+    """(screened accuracy, non-zero parameters) of the study's complete trials that were screened after a
+    short fine-tuning (``finetune.screening.max_dominated``): what a new trial's screening compares with."""
+    rivals = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        extra = trial.user_attrs.get(EXTRA_ATTR) or {}
+        if "screened_nonzero" in extra and "screened_accuracy" in extra:
+            rivals.append((float(extra["screened_accuracy"]), int(extra["screened_nonzero"])))
+    return tuple(rivals)

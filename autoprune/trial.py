@@ -98,10 +98,23 @@ class TrialSettings:
 class Screening:
     """A plan whose accuracy right after pruning (and BatchNorm recalibration), measured on the validation
     data, is below ``min_accuracy_fraction x`` the dense model's gets ``short_fraction`` of the fine-tuning
-    steps instead of all of them."""
+    steps instead of all of them.
+
+    With ``max_dominated`` (successive halving over the fine-tuning budget, for several objectives), every
+    one-shot plan first gets ``short_fraction`` of the steps; its validation accuracy then (with its
+    non-zero parameters) is compared with ``rivals``, the same two numbers of plans screened before it
+    (the driver passes them). It gets the rest of the budget only if fewer than ``max_dominated`` rivals
+    dominate it (at least as accurate and as small, better in one) and the accuracy threshold holds:
+    a plan that earlier plans already beat at the same cost stops there."""
 
     min_accuracy_fraction: float = 0.5
     short_fraction: float = 0.25
+    max_dominated: int | None = None
+    rivals: tuple[tuple[float, int], ...] = ()
+
+    def dominated_by(self, accuracy: float, nonzero: int) -> int:
+        """How many rivals are at least as accurate and as small as (``accuracy``, ``nonzero``), better in one."""
+        return sum(1 for a, n in self.rivals if a >= accuracy and n <= nonzero and (a > accuracy or n < nonzero))
 
 
 @dataclass(frozen=True)
@@ -220,8 +233,11 @@ def prune_and_finetune(
         recalibrate_batchnorm(probe, train_loader, settings.bn_recalibration_batches)
         full = screen(probe)
         del probe
-    screen_here = screen is not None and plan.rounds == 1  # one-shot: screen the model pruned below
+    halving = (screen is not None and plan.rounds == 1 and settings.screening is not None
+               and settings.screening.max_dominated is not None)  # screened after a short fine-tuning
+    screen_here = screen is not None and plan.rounds == 1 and not halving  # one-shot: screen the model pruned below
     budgets = schedule.round_steps(train_loader, ft, plan.rounds) if full and not screen_here else None
+    spent: float | None = None
     has_unstructured = any(get_method(i.method).family == "unstructured" for i in plan.layers)
     train_seconds = 0.0
     for step in range(1, plan.rounds + 1):
@@ -245,14 +261,33 @@ def prune_and_finetune(
         if step == plan.rounds:
             steps.check(model)
         started = time.perf_counter()
-        schedule.finetune(model, train_loader, ft, budgets[step - 1], masks, teacher=dense)
+        if halving:
+            assert screen is not None and settings.screening is not None
+            spent = _halving_finetune(model, train_loader, ft, settings.screening.short_fraction, masks, dense, screen)
+        else:
+            schedule.finetune(model, train_loader, ft, budgets[step - 1], masks, teacher=dense)
         synchronize(model_device(model))  # CUDA runs asynchronously: the time includes the queued work
         train_seconds += time.perf_counter() - started
     steps.check(model)  # zeros held through fine-tuning
     if info is not None:
-        info["finetune_epochs_spent"] = float(ft.epochs) if full else (
-            sum(b or 0 for b in budgets or []) / max(1, steps_per_epoch(train_loader, ft.max_batches)))
+        per_epoch = max(1, steps_per_epoch(train_loader, ft.max_batches))
+        info["finetune_epochs_spent"] = (spent / per_epoch if spent is not None else float(ft.epochs) if full
+                                         else sum(b or 0 for b in budgets or []) / per_epoch)
     return model, train_seconds
+
+
+def _halving_finetune(model: nn.Module, train_loader: Batches, ft: TrainSettings, short_fraction: float,
+                      masks: Mapping[str, torch.Tensor] | None, teacher: nn.Module,
+                      screen: Callable[[nn.Module], bool]) -> int:
+    """Fine-tune ``short_fraction`` of the budget's steps, then the rest only if ``screen`` promotes the
+    model; returns the optimizer steps spent. (The rest is a second run: a learning-rate schedule restarts.)"""
+    total = ft.epochs * steps_per_epoch(train_loader, ft.max_batches)
+    short = round(short_fraction * total)
+    schedule.finetune(model, train_loader, ft, short, masks, teacher=teacher)
+    if not screen(model):
+        return short
+    schedule.finetune(model, train_loader, ft, total - short, masks, teacher=teacher)
+    return total
 
 
 def run_trial(
@@ -285,8 +320,12 @@ def run_trial(
         threshold = settings.screening.min_accuracy_fraction * baseline.accuracy
 
         def screen(pruned: nn.Module) -> bool:
-            info["screened_accuracy"] = evaluate(pruned, val_loader)
-            return info["screened_accuracy"] >= threshold
+            info["screened_accuracy"] = accuracy = evaluate(pruned, val_loader)
+            if settings.screening is None or settings.screening.max_dominated is None:
+                return accuracy >= threshold
+            info["screened_nonzero"] = nonzero = measure.count_parameters(pruned)[1]
+            info["screened_dominated"] = dominated = settings.screening.dominated_by(accuracy, nonzero)
+            return accuracy >= threshold and dominated < settings.screening.max_dominated
 
     model, train_seconds = prune_and_finetune(dense, train_loader, plan, settings, context, screen=screen, info=info)
     macs = measure.count_macs(model, example)

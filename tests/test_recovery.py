@@ -132,3 +132,43 @@ def test_screening_gives_a_hopeless_plan_the_short_budget(tiny_setup) -> None:
     iterative = setup.run(Plan((LayerPlan("conv1", "l1_structured", 0.95), LayerPlan("conv2", "l1_structured", 0.95)),
                                schedule="iterative", rounds=2))
     assert iterative.result.extra["finetune_epochs_spent"] == pytest.approx(0.5, abs=0.1)
+
+
+def test_successive_halving_promotes_only_plans_few_earlier_plans_beat(tiny_setup) -> None:
+    """With ``max_dominated`` every one-shot plan first gets the short budget; the rest goes only to plans
+    that fewer than ``max_dominated`` rivals beat on both screened accuracy and non-zero parameters."""
+    setup = tiny_setup(epochs=2)
+    train(setup.dense, setup.train_loader, TrainSettings(epochs=4, lr=0.01))
+    halving = Screening(min_accuracy_fraction=0.0, short_fraction=0.25, max_dominated=1)
+    setup.settings = replace(setup.settings, screening=halving)
+    setup.baseline = measure_dense(setup.dense, setup.val_loader, setup.settings, min_run_time=0.02)
+    plan = Plan((LayerPlan("conv2", "l1_unstructured", 0.5),))
+    alone = setup.run(plan).result.extra  # no rivals yet: promoted
+    assert alone["screened_dominated"] == 0 and alone["finetune_epochs_spent"] == 2.0
+    accuracy, nonzero = alone["screened_accuracy"], int(alone["screened_nonzero"])
+    better = (min(1.0, accuracy + 0.01), nonzero - 1)  # more accurate and smaller: dominates
+    setup.settings = replace(setup.settings, screening=replace(halving, rivals=(better,)))
+    beaten = setup.run(plan).result.extra
+    assert beaten["screened_dominated"] == 1
+    assert beaten["finetune_epochs_spent"] == pytest.approx(0.5, abs=0.1)  # stopped after 25% of 2 epochs
+    assert beaten["screened_accuracy"] == accuracy  # the same plan and seed: the same short result
+    tied = replace(halving, rivals=((accuracy, nonzero), (accuracy - 0.1, nonzero - 10)))  # neither dominates
+    assert tied.dominated_by(accuracy, nonzero) == 0
+    assert replace(halving, max_dominated=2, rivals=(better, better)).dominated_by(accuracy, nonzero) == 2
+
+
+def test_a_search_with_successive_halving_passes_earlier_results_to_trials(tiny, tiny_project) -> None:
+    import autoprune
+
+    search = autoprune.Search(tiny_project, overrides=[
+        "study.n_trials=5", "execution.backend=in_process", "execution.parallel=1", "tracking.log_models=false",
+        "finetune.epochs=2", "finetune.screening={enabled: true, min_accuracy_fraction: 0.0, max_dominated: 1}"])
+    search.run()
+    extras = [t.user_attrs["autoprune.extra"] for t in search.study.get_trials() if t.state.name == "COMPLETE"]
+    assert len(extras) == 5 and extras[0]["screened_dominated"] == 0  # the first trial has no rivals
+    for i, extra in enumerate(extras):
+        earlier = [(e["screened_accuracy"], int(e["screened_nonzero"])) for e in extras[:i]]
+        expected = Screening(rivals=tuple(earlier)).dominated_by(extra["screened_accuracy"],
+                                                                 int(extra["screened_nonzero"]))
+        assert extra["screened_dominated"] == expected  # the driver passed every earlier trial's result
+        assert (extra["finetune_epochs_spent"] == 2.0) == (expected < 1)
