@@ -173,21 +173,32 @@ def allocation_curves(space: SearchSpace, model: nn.Module, context: PruneContex
 
 
 def seed_trials(space: SearchSpace, model: nn.Module, context: PruneContext, rules: Sequence[str],
-                sparsities: Sequence[float], methods: Sequence[str]) -> list[tuple[str, dict[str, object]]]:
+                sparsities: Sequence[float], methods: Sequence[str],
+                unstructured_sparsities: Sequence[float] | None = None) -> list[tuple[str, dict[str, object]]]:
     """The baseline trials of a new study, ``(label, params)`` in order: for each rule of ``rules`` that
-    applies (a global rule needs a configured method of its kind), each sparsity of ``sparsities``.
+    applies (a global rule needs a configured method of its kind), each sparsity of ``sparsities`` (of
+    ``unstructured_sparsities`` instead, when given, for a rule that zeroes single weights: global
+    magnitude, and uniform with an unstructured first method).
     Labels: ``uniform <method> 0.5``, ``global magnitude 0.5``, ``global structured 0.5``."""
+    from .methods import get_method
+
     unknown = [rule for rule in rules if rule not in RULES]
     if unknown:
         raise ValueError(f"unknown baseline rule {unknown[0]!r}; known rules: {', '.join(RULES)}")
+
+    def levels(rule: str) -> Sequence[float]:
+        unstructured = rule == "global_magnitude" or (
+            rule == "uniform" and get_method(methods[0]).family == "unstructured")
+        return unstructured_sparsities if unstructured and unstructured_sparsities is not None else sparsities
+
     if space.parametrization == "global":  # a rule's point is one (rule, sparsity) of the compact space
         known = {a.rule for a in space.allocations}
         return [(_label(rule, s, methods), space.rule_params(rule, s)) for rule in rules if rule in known
-                for s in sparsities]
+                for s in levels(rule)]
     trials: list[tuple[str, dict[str, object]]] = []
     for rule in rules:
         if rule == "uniform":
-            trials += [(_label(rule, s, methods), space.uniform_params(s, methods[0])) for s in sparsities]
+            trials += [(_label(rule, s, methods), space.uniform_params(s, methods[0])) for s in levels(rule)]
             continue
         method = rule_method(rule, methods)
         units = [u.name for u in space.units if not u.removal and method in u.methods] if method else []
@@ -199,7 +210,8 @@ def seed_trials(space: SearchSpace, model: nn.Module, context: PruneContext, rul
         except Exception as exc:  # a rule the model defeats must not stop the search: said, and skipped
             log.warning("baseline rule %s skipped: %s: %s", rule, type(exc).__name__, exc)
             continue
-        for s, counts in zip(sparsities, _allocate_many(scores, sparsities, context.max_layer_sparsity), strict=True):
+        for s, counts in zip(levels(rule), _allocate_many(scores, levels(rule), context.max_layer_sparsity),
+                             strict=True):
             allocation = {name: counts[name] / scores[name].numel() for name in units}
             trials.append((_label(rule, s, methods), space.allocation_params(allocation, method)))
     return trials

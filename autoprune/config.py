@@ -23,6 +23,9 @@ from .errors import ConfigError
 SAMPLERS = ("tpe", "nsga2", "nsga3", "random", "qmc", "gp")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEFAULT_BASELINES = (0.25, 0.5, 0.75)
+DEFAULT_UNSTRUCTURED_BASELINES = (0.5, 0.75, 0.9)
+"""Unstructured rules zero single weights: at 0.5/0.75/0.9 they keep about the parameters that removing
+0.25/0.5/0.75 of the channels leaves (1 - (1 - s)^2 = 0.44/0.75/0.94), so the rules meet at similar sizes."""
 BASELINE_RULES = ("uniform", "global_magnitude", "global_structured")
 """The baseline rules a study can hold (``study.baseline_rules``; :mod:`autoprune.baselines`)."""
 
@@ -338,6 +341,15 @@ class SearchConfig(_Strict):
             return list(self.study.baselines)
         low, high = self.space.sparsity.low, self.space.sparsity.high
         return [value for value in DEFAULT_BASELINES if low <= value <= high]
+
+    @property
+    def unstructured_baseline_sparsities(self) -> list[float]:
+        """The sparsities of the unstructured rules (global magnitude; uniform with an unstructured first
+        method): ``study.baselines`` when given, else :data:`DEFAULT_UNSTRUCTURED_BASELINES` in range."""
+        if self.study.baselines is not None:
+            return list(self.study.baselines)
+        low, high = self.space.sparsity.low, self.space.sparsity.high
+        return [value for value in DEFAULT_UNSTRUCTURED_BASELINES if low <= value <= high]
 
     @property
     def work_path(self) -> Path:

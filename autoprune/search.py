@@ -72,7 +72,8 @@ def _enqueue_baselines(study: optuna.Study, config: SearchConfig, inputs: Inputs
 
     context = make_context((), inputs.settings, next(iter(inputs.val_loader))[0][:1])
     for label, params in seed_trials(inputs.space, dense, context, config.study.baseline_rules,
-                                     config.baseline_sparsities, config.space.methods):
+                                     config.baseline_sparsities, config.space.methods,
+                                     unstructured_sparsities=config.unstructured_baseline_sparsities):
         study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label}, skip_if_exists=True)
 
 
@@ -84,7 +85,7 @@ def _allocations(config: SearchConfig, inputs: Inputs, dense: nn.Module) -> list
 
     low, high = config.space.sparsity.low, config.space.sparsity.high
     grid = sorted({round(low + i * 0.025, 6) for i in range(int((high - low) / 0.025) + 1)}
-                  | {low, high, *config.baseline_sparsities})
+                  | {low, high, *config.baseline_sparsities, *config.unstructured_baseline_sparsities})
     context = make_context((), inputs.settings, next(iter(inputs.val_loader))[0][:1])
     curves = allocation_curves(inputs.space, dense, context, config.space.methods, grid)
     if not curves:

@@ -311,7 +311,9 @@ class Bench:
                                                                                   "step": 0.05},
                       "parametrization": parametrization},
             "finetune": {"epochs": self.args.epochs, "lr": self.args.lr, "lr_schedule": self.args.lr_schedule,
-                         "screening": {"enabled": self.args.screening}},
+                         "screening": {"enabled": self.args.screening or self.args.halving is not None,
+                                       **({"max_dominated": self.args.halving, "min_accuracy_fraction": 0.0}
+                                          if self.args.halving is not None else {})}},
             "latency": {"batch_size": 64, "rounds": 2, "min_run_time": 0.01},
             "execution": {"backend": "in_process"},
             "tracking": {"log_models": False},
@@ -399,6 +401,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--screening", action="store_true", help="finetune.screening.enabled in the search arms")
+    parser.add_argument("--halving", type=int, default=None, metavar="N",
+                        help="successive halving in the search arms: finetune.screening.max_dominated N")
     parser.add_argument("--lr", type=float, default=FinetuneConfig().lr, help="finetune.lr of every arm")
     parser.add_argument("--lr-schedule", default=FinetuneConfig().lr_schedule,
                         choices=["constant", "cosine", "onecycle"], help="finetune.lr_schedule of every arm")
@@ -408,9 +412,10 @@ def main() -> None:
     args.pretrain_epochs = 12 if args.quick else 20
     args.rounds, args.min_run_time, args.windows = (2, 0.01, 1) if args.quick else (3, 0.03, 3)
     started = time.perf_counter()
+    screening = f"halving N={args.halving}" if args.halving else "on" if args.screening else "off"
     print(f"search_quality: {args.trials} trials per search arm, {args.epochs} fine-tuning epoch(s) per model "
-          f"(lr {args.lr:g} {args.lr_schedule}), batch-64 latency 1 thread ({args.windows} window(s) x "
-          f"{args.rounds} rounds)")
+          f"(lr {args.lr:g} {args.lr_schedule}; screening {screening}), batch-64 latency 1 thread "
+          f"({args.windows} window(s) x {args.rounds} rounds)")
     for name in args.arch:
         run_arch(ARCHS[name], args)
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
