@@ -101,3 +101,20 @@ def test_a_unit_over_the_cap_is_held_there_and_the_rest_goes_elsewhere() -> None
     scores = {"small": torch.arange(10.0) / 100, "large": torch.arange(10.0) + 1}
     assert _allocate(scores, 0.5, cap=1.0) == {"small": 9, "large": 1}  # at least one part of a unit stays
     assert _allocate(scores, 0.5, cap=0.8) == {"small": 8, "large": 2}  # the total is still half
+
+
+def test_unstructured_rules_default_to_higher_sparsities(tiny_setup, tiny_project) -> None:
+    """Zeroing single weights keeps about the parameters that removing a quarter / half / three quarters of
+    the channels leaves at 0.5 / 0.75 / 0.9: so by default the unstructured rules sit there."""
+    config = load_config(tiny_project, ["study.baselines=null", "space.sparsity={low: 0.1, high: 0.9}"])
+    assert config.baseline_sparsities == [0.25, 0.5, 0.75]
+    assert config.unstructured_baseline_sparsities == [0.5, 0.75, 0.9]
+    assert load_config(tiny_project, ["study.baselines=[0.3]"]).unstructured_baseline_sparsities == [0.3]
+    setup = tiny_setup(epochs=0)
+    space, context = _space_and_context(setup, ["l1_unstructured", "l1_structured"])
+    labels = [label for label, _ in seed_trials(space, setup.dense, context, list(config.study.baseline_rules),
+                                                config.baseline_sparsities, ["l1_unstructured", "l1_structured"],
+                                                unstructured_sparsities=config.unstructured_baseline_sparsities)]
+    assert labels == ["uniform l1_unstructured 0.5", "uniform l1_unstructured 0.75", "uniform l1_unstructured 0.9",
+                      "global magnitude 0.5", "global magnitude 0.75", "global magnitude 0.9",
+                      "global structured 0.25", "global structured 0.5", "global structured 0.75"]
