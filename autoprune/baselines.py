@@ -51,8 +51,9 @@ def rule_method(rule: str, methods: Sequence[str]) -> str | None:
     from .methods import get_method
     from .methods.structured import StructuredMethod
 
-    if rule == "global_magnitude":
-        fits = [m for m in methods if get_method(m).family == "unstructured"]
+    if rule == "global_magnitude":  # (an N:M method's one fixed sparsity cannot follow an allocation)
+        fits = [m for m in methods if get_method(m).family == "unstructured"
+                and getattr(get_method(m), "fixed_sparsity", None) is None]
         preferred = UNSTRUCTURED_PREFERENCE
     elif rule == "global_structured":  # channel groups only (not heads or MLP neurons)
         fits = [m for m in methods if isinstance(get_method(m), StructuredMethod)]

@@ -29,10 +29,17 @@ FAMILIES: dict[str, str] = {
     "l2_unstructured": "unstructured",
     "taylor_unstructured": "unstructured",
     "random_unstructured": "unstructured",
+    "wanda": "unstructured",
+    "wanda_2:4": "unstructured",
+    "wanda_4:8": "unstructured",
+    "sparsegpt": "unstructured",
+    "sparsegpt_2:4": "unstructured",
+    "sparsegpt_4:8": "unstructured",
 }
 
-#: Built-in methods the iterative schedule and rewinding support (all of them).
-ITERATIVE: frozenset[str] = frozenset(FAMILIES)
+#: Built-in methods the iterative schedule and rewinding support: all but the N:M ones, whose one sparsity
+#: (N/M zeros) cannot be reached in steps.
+ITERATIVE: frozenset[str] = frozenset(FAMILIES) - {"wanda_2:4", "wanda_4:8", "sparsegpt_2:4", "sparsegpt_4:8"}
 
 
 def _registry() -> dict[str, object]:

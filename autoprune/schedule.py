@@ -94,8 +94,11 @@ def relative_ratio(previous: float, current: float) -> float:
 
 def supports_iterative(method_name: str) -> bool:
     """Whether :class:`Schedule` can spread ``method_name`` over several rounds (and rewind it):
-    structured methods must be ``indexed`` (count, report and replay whole parts)."""
+    structured methods must be ``indexed`` (count, report and replay whole parts), and a method with one
+    fixed sparsity (N:M) has no intermediate rounds."""
     method = get_method(method_name)
+    if getattr(method, "fixed_sparsity", None) is not None:
+        return False
     return method.family != "structured" or method.indexed
 
 

@@ -248,8 +248,9 @@ class SearchSpace:
                 continue
             method = str(params.get(f"{unit.name}/method", unit.methods[0]))
             sparsity = float(params[f"{unit.name}/sparsity"])  # type: ignore[arg-type]
-            if sparsity > 0:
-                layers.append(LayerPlan(unit.name, method, sparsity))
+            if sparsity > 0:  # an N:M method has one sparsity: any sampled value > 0 means "prune N:M"
+                fixed = getattr(get_method(method), "fixed_sparsity", None)
+                layers.append(LayerPlan(unit.name, method, sparsity if fixed is None else fixed))
         return layers
 
     def _global_layers(self, params: Mapping[str, object]) -> list[LayerPlan]:

@@ -99,3 +99,18 @@ def test_unit_highs_cap_one_unit_and_snap_to_step() -> None:
     assert dists["0/sparsity"].high == pytest.approx(0.4)  # snapped down to the step grid
     assert dists["3/sparsity"].high == pytest.approx(0.8)  # a cap above the range changes nothing
     assert space.with_unit_highs({"0": 0.0}).distributions()["0/sparsity"].high == pytest.approx(0.1)  # >= low
+
+
+def test_an_n_m_method_decodes_any_sparsity_to_its_one_value() -> None:
+    """N:M methods (wanda_2:4 ...) accept one sparsity (N/M zeros): a sampled value > 0 means 'prune N:M',
+    0 keeps the unit dense; and they run one-shot only."""
+    from autoprune.schedule import supports_iterative
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    context = PruneContext(example_inputs=torch.zeros(1, 16), protected=frozenset({"2"}))
+    space = SearchSpace.from_model(model, context, ["wanda_2:4", "l1_unstructured"], low=0.0, high=0.9)
+    plan = space.decode({"0/method": "wanda_2:4", "0/sparsity": 0.3})
+    assert [(layer.method, layer.sparsity) for layer in plan.layers] == [("wanda_2:4", 0.5)]
+    assert space.decode({"0/method": "wanda_2:4", "0/sparsity": 0.0}).layers == ()
+    assert space.decode({"0/method": "l1_unstructured", "0/sparsity": 0.3}).layers[0].sparsity == 0.3
+    assert not supports_iterative("wanda_2:4") and supports_iterative("wanda")

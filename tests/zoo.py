@@ -273,3 +273,27 @@ def fine_tune(model: nn.Module, entry: ZooEntry, steps: int = 8) -> list[float]:
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+#: Tiny Hugging Face decoder LMs (random weights, built from their configs; nothing is downloaded).
+DECODER_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def tiny_decoder(family: str = "llama", seed: int = 0, layers: int = 3) -> nn.Module:
+    """A tiny ``<Family>ForCausalLM``: hidden 64, 8 query heads of 8 sharing 4 key/value heads (grouped-query
+    attention, 2 queries per key/value head), SwiGLU MLP of 128, vocabulary 128, untied ``lm_head``
+    (Qwen2 adds q/k/v biases). Eager attention, so masked and shrunk outputs compare exactly."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
+    config = config_class(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_key_value_heads=4,
+                          num_hidden_layers=layers, vocab_size=128, max_position_embeddings=64,
+                          tie_word_embeddings=False, pad_token_id=0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return model_class(config).eval()
