@@ -175,11 +175,13 @@ class Search:
         return evaluate_accuracy(self.load_model(trial), loader, self._workspace.inputs.settings.metric_fn)
 
     # ---- derived work ----
-    def export(self, trial: int, path: str | Path) -> ExportReport:
-        """Write trial ``trial``'s model as a ``torch.export`` file (loads with torch alone), checked."""
+    def export(self, trial: int, path: str | Path, format: str | None = None) -> ExportReport:
+        """Write trial ``trial``'s model as a ``torch.export`` file (``format="torch"``: loads with torch alone)
+        or an ONNX file (``"onnx"``: dynamic batch, checked in ONNX Runtime on validation batches); default: from
+        the suffix of ``path`` (``.onnx``: onnx). The report says the largest difference from the model."""
         from .export import export_trial
 
-        return export_trial(self._workspace, trial, Path(path))
+        return export_trial(self._workspace, trial, Path(path), format)
 
     def sensitivity(self, ratios: Sequence[float] = (0.25, 0.5, 0.75, 0.9), *, max_drop: float = 0.05,
                     methods: Sequence[str] | None = None, progress: Any = None) -> SensitivityResult:

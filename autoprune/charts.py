@@ -102,20 +102,26 @@ def _groups(points: Sequence[Point]) -> dict[str, list[Point]]:
     }
 
 
-def _staircase(points: Sequence[Point], index: str) -> tuple[list[float], list[float]]:
-    """The 2-D front: best accuracy within each budget of ``index`` (size or latency), as steps."""
+def _lower(dense: DenseBaseline) -> bool:
+    """Whether the first objective is lower-is-better (``perplexity``, ``model.task: causal_lm``)."""
+    return getattr(dense, "metric", "accuracy") == "perplexity"
+
+
+def _staircase(points: Sequence[Point], index: str, lower: bool = False) -> tuple[list[float], list[float]]:
+    """The 2-D front: best accuracy (lowest perplexity) within each budget of ``index`` (size or latency)."""
     xs: list[float] = []
     ys: list[float] = []
-    best = -1.0
-    for p in sorted(points, key=lambda q: (getattr(q, index), -q.accuracy)):
-        if p.accuracy > best:
+    sign = -1.0 if lower else 1.0
+    best = -float("inf")
+    for p in sorted(points, key=lambda q: (getattr(q, index), -sign * q.accuracy)):
+        if sign * p.accuracy > best:
             x = getattr(p, index) / (1024.0 if index == "size_bytes" else 1.0)
             if xs:
                 xs.append(x)
                 ys.append(best)
             xs.append(x)
             ys.append(p.accuracy)
-            best = p.accuracy
+            best = sign * p.accuracy
     return xs, ys
 
 
@@ -130,8 +136,8 @@ def figure(points: Sequence[Point], dense: DenseBaseline, title: str):
 
     fig = make_subplots(rows=2, cols=2, specs=[[{"type": "scene", "colspan": 2}, None], [{}, {}]],
                         row_heights=[0.62, 0.38], vertical_spacing=0.08, horizontal_spacing=0.08,
-                        subplot_titles=("accuracy, size and latency (drag to rotate, scroll to zoom)",
-                                        "accuracy vs size", "accuracy vs latency"))
+                        subplot_titles=(f"{dense.metric}, size and latency (drag to rotate, scroll to zoom)",
+                                        f"{dense.metric} vs size", f"{dense.metric} vs latency"))
     groups = _groups(points)
     dense_point = Point(-1, dense.accuracy, dense.size_bytes, dense.latency_ms, rank=0, plan="no pruning")
     names = {FRONT: f"Pareto front ({len(groups[FRONT])})", DOMINATED: f"other trials ({len(groups[DOMINATED])})",
@@ -142,7 +148,7 @@ def figure(points: Sequence[Point], dense: DenseBaseline, title: str):
         BASELINE: {"color": COLORS[BASELINE], "size": 9, "symbol": "diamond-open", "line": {"width": 2}},
         DENSE: {"color": COLORS[DENSE], "size": 7, "symbol": "x"},
     }
-    dense_hover = (f"<b>dense model</b> (no pruning)<br>accuracy {dense.accuracy:.4f}<br>"
+    dense_hover = (f"<b>dense model</b> (no pruning)<br>{dense.metric} {dense.accuracy:.4f}<br>"
                    f"size {dense.size_bytes:,} B<br>latency {dense.latency_ms:.4f} ms<br>"
                    f"{dense.params:,} parameters, {dense.macs:,} MACs")
     for group, members in [*groups.items(), (DENSE, [dense_point])]:
@@ -165,22 +171,23 @@ def figure(points: Sequence[Point], dense: DenseBaseline, title: str):
             fig.add_trace(go.Scatter(x=xs, y=acc, mode="markers", uid=f"{group}-{panel}", showlegend=False,
                                      marker=marker2d, **common), row=2, col=col)
     for col, index, panel in ((1, "size_bytes", "size"), (2, "latency_ms", "latency")):
-        xs, ys = _staircase(points, index)
+        xs, ys = _staircase(points, index, _lower(dense))
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", uid=f"staircase-{panel}", hoverinfo="skip",
-                                 name="best accuracy within budget", legendgroup="staircase", showlegend=col == 1,
+                                 name=f"best {dense.metric} within budget", legendgroup="staircase",
+                                 showlegend=col == 1,
                                  line={"color": COLORS[FRONT], "width": 1, "dash": "dot"}), row=2, col=col)
     fig.update_layout(
         title={"text": title, "x": 0.01, "y": 0.99, "yanchor": "top", "font": {"size": 15}}, height=1000,
         template="plotly_white", margin={"l": 40, "r": 20, "t": 110, "b": 40},
         legend={"orientation": "h", "x": 0.01, "y": 1.04, "yanchor": "bottom"},
         hoverlabel={"align": "left"},
-        scene={"xaxis_title": "size (KiB)", "yaxis_title": "latency (ms)", "zaxis_title": "accuracy",
+        scene={"xaxis_title": "size (KiB)", "yaxis_title": "latency (ms)", "zaxis_title": dense.metric,
                "camera": {"eye": {"x": 1.6, "y": -1.6, "z": 0.9}}},
     )
     fig.update_xaxes(title_text="size (KiB)", row=2, col=1)
     fig.update_xaxes(title_text="latency (ms)", row=2, col=2)
-    fig.update_yaxes(title_text="accuracy", row=2, col=1)
-    fig.update_yaxes(title_text="accuracy", row=2, col=2)
+    fig.update_yaxes(title_text=dense.metric, row=2, col=1)
+    fig.update_yaxes(title_text=dense.metric, row=2, col=2)
     return fig
 
 
@@ -201,8 +208,8 @@ def png(points: Sequence[Point], dense: DenseBaseline, title: str) -> bytes:
     fig = Figure(figsize=(15, 4.8), dpi=110, layout="constrained")
     axes = fig.subplots(1, 3)
     groups = _groups(points)
-    panels = (("size_bytes", "accuracy", "size (KiB)", "accuracy"),
-              ("latency_ms", "accuracy", "latency (ms)", "accuracy"),
+    panels = (("size_bytes", "accuracy", "size (KiB)", dense.metric),
+              ("latency_ms", "accuracy", "latency (ms)", dense.metric),
               ("size_bytes", "latency_ms", "size (KiB)", "latency (ms)"))
 
     def value(p: Point | DenseBaseline, name: str) -> float:
@@ -224,7 +231,7 @@ def png(points: Sequence[Point], dense: DenseBaseline, title: str) -> bytes:
         ax.scatter([value(dense, xname)], [value(dense, yname)], s=160, marker="*", color=COLORS[DENSE],
                    label="dense model")
         if yname == "accuracy":
-            xs, ys = _staircase(points, xname)
+            xs, ys = _staircase(points, xname, _lower(dense))
             ax.plot(xs, ys, linestyle=":", linewidth=1, color=COLORS[FRONT])
         for p in groups[FRONT]:
             ax.annotate(str(p.trial), (value(p, xname), value(p, yname)), fontsize=7,
@@ -245,11 +252,13 @@ BUDGETS = (0.25, 0.5, 0.75, 1.0)
 
 
 def best_within(points: Sequence[Point], size_bytes: float = float("inf"),
-                latency_ms: float = float("inf"), exclude: int | None = None) -> Point | None:
-    """The most accurate feasible trial at most ``size_bytes`` and ``latency_ms`` (ties: smaller, then faster)."""
+                latency_ms: float = float("inf"), exclude: int | None = None, lower: bool = False) -> Point | None:
+    """The most accurate (``lower``: lowest-perplexity) feasible trial at most ``size_bytes`` and ``latency_ms``
+    (ties: smaller, then faster)."""
     fits = [p for p in points if p.trial != exclude and p.feasible and p.size_bytes <= size_bytes
             and p.latency_ms <= latency_ms]
-    return min(fits, key=lambda p: (-p.accuracy, p.size_bytes, p.latency_ms, p.trial)) if fits else None
+    sign = 1.0 if lower else -1.0
+    return min(fits, key=lambda p: (sign * p.accuracy, p.size_bytes, p.latency_ms, p.trial)) if fits else None
 
 
 def _cells(p: Point | None, dense: DenseBaseline) -> list[str]:
@@ -275,37 +284,41 @@ def summary_markdown(study: str, points: Sequence[Point], dense: DenseBaseline, 
         f"# Study `{study}`: Pareto front",
         "",
         f"{len(points)} complete trials, {failed} failed; **{len(front)} on the Pareto front**; "
-        f"hypervolume **{hypervolume:.4f}** (accuracy x fraction of the dense model's size and latency saved; "
+        f"hypervolume **{hypervolume:.4f}** ({'1 / perplexity' if _lower(dense) else 'accuracy'} x fraction of "
+        "the dense model's size and latency saved; "
         "1.0 would be a perfect, free model).",
         "",
-        f"Dense model: accuracy {dense.accuracy:.4f}, size {dense.size_bytes:,} B, latency "
+        f"Dense model: {dense.metric} {dense.accuracy:.4f}, size {dense.size_bytes:,} B, latency "
         f"{dense.latency_ms:.4f} ms, {dense.params:,} parameters, {dense.macs:,} MACs.",
         "",
         *_accuracy_notes(points, dense),
         "Files: `pareto_front.html` (interactive chart), `pareto_front.png`, `pareto_front.csv`, "
         "`pareto_front.json`. Trials on the front carry the tag `pareto=true` and an MLflow model.",
         "",
-        "## Best accuracy within a size budget",
+        f"## Best {dense.metric} within a size budget",
         "",
     ]
-    header = ["trial", "accuracy", "vs dense", "size", "latency"]
+    header = ["trial", dense.metric, "vs dense", "size", "latency"]
+    lower = _lower(dense)
+    sized = [best_within(points, size_bytes=f * dense.size_bytes, lower=lower) for f in BUDGETS]
+    timed = [best_within(points, latency_ms=f * dense.latency_ms, lower=lower) for f in BUDGETS]
     lines += _table(["size at most", *header],
                     [[f"{100 * f:.0f}% of dense ({int(f * dense.size_bytes):,} B)",
-                      *_cells(best_within(points, size_bytes=f * dense.size_bytes), dense)] for f in BUDGETS])
-    lines += ["", "## Best accuracy within a latency budget", ""]
+                      *_cells(best, dense)] for f, best in zip(BUDGETS, sized, strict=True)])
+    lines += ["", f"## Best {dense.metric} within a latency budget", ""]
     lines += _table(["latency at most", *header],
                     [[f"{100 * f:.0f}% of dense ({f * dense.latency_ms:.4f} ms)",
-                      *_cells(best_within(points, latency_ms=f * dense.latency_ms), dense)] for f in BUDGETS])
+                      *_cells(best, dense)] for f, best in zip(BUDGETS, timed, strict=True)])
     lines += ["", "## Baselines (simple rules: uniform, global magnitude, global structured; and seeds)", ""]
     if baselines:
         rows = []
         for b in sorted(baselines, key=lambda p: p.trial):
-            rival = best_within(points, b.size_bytes, b.latency_ms, exclude=b.trial)
+            rival = best_within(points, b.size_bytes, b.latency_ms, exclude=b.trial, lower=lower)
             beats = ("none" if rival is None else
-                     f"trial {rival.trial}: accuracy {rival.accuracy:.4f} ({rival.accuracy - b.accuracy:+.4f})")
+                     f"trial {rival.trial}: {dense.metric} {rival.accuracy:.4f} ({rival.accuracy - b.accuracy:+.4f})")
             rows.append([b.baseline or "", str(b.trial), f"{b.accuracy:.4f}", _pct(b.size_bytes, dense.size_bytes),
                          _pct(b.latency_ms, dense.latency_ms), "yes" if b.on_front else "no", beats])
-        lines += _table(["baseline", "trial", "accuracy", "size", "latency", "on front",
+        lines += _table(["baseline", "trial", dense.metric, "size", "latency", "on front",
                          "best other trial as small and as fast"], rows)
     else:
         lines.append("None in this study (set `study.baselines`, e.g. `[0.25, 0.5, 0.75]`).")
@@ -315,7 +328,8 @@ def summary_markdown(study: str, points: Sequence[Point], dense: DenseBaseline, 
     def test_cell(p: Point) -> list[str]:
         return [f"{p.test_accuracy:.4f}" if p.test_accuracy is not None else ""] if tested else []
 
-    lines += _table(["trial", "accuracy", "vs dense", *(["test accuracy"] if tested else []), "size (B)", "size",
+    lines += _table(["trial", dense.metric, "vs dense", *([f"test {dense.metric}"] if tested else []), "size (B)",
+                     "size",
                      "latency (ms)", "latency", "plan"],
                     [[str(p.trial) + (" (baseline)" if p.baseline else ""), f"{p.accuracy:.4f}",
                       f"{p.accuracy - dense.reference_accuracy:+.4f}", *test_cell(p), f"{p.size_bytes:,}",
@@ -350,4 +364,7 @@ def _accuracy_notes(points: Sequence[Point], dense: DenseBaseline) -> list[str]:
     if infeasible:
         notes.append(f"{infeasible} complete trial(s) are infeasible (over a `space.constraints` limit): never on "
                      "the front nor in the budget tables.")
+    if _lower(dense):  # the same notes, naming the objective the study has
+        notes = [note.replace("Accuracy drops", "Perplexity increases").replace("accuracy", "perplexity")
+                 .replace("Accuracy", "Perplexity") for note in notes]
     return [line for note in notes for line in (note, "")]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -92,6 +92,10 @@ class ModelConfig(_Strict):
     metric: str | None = None
     """``module:callable``, ``metric(outputs, targets) -> per-sample scores [B]`` (higher is better), averaged
     over the validation set as the "accuracy" objective; default: top-1 accuracy (argmax over dim 1)."""
+    task: Literal["classification", "causal_lm"] = "classification"
+    """``causal_lm``: batches are ``(input_ids, labels)`` or ``input_ids`` alone (labels = the ids), the loss
+    is the shifted next-token cross-entropy (unless ``model.loss``), and the first objective is validation
+    perplexity, minimized (reported as ``perplexity``; ``model.metric`` does not apply)."""
 
     @field_validator("factory", "loss", "metric")
     @classmethod
@@ -267,6 +271,21 @@ class LatencyConfig(_Strict):
     device: Literal["cpu", "cuda"] | None = None
     """Where latency is timed; default: the trial's device (``execution.device``). ``cpu`` times a model
     trained on a GPU for deployment on a CPU."""
+    runtime: Literal["eager", "onnxruntime", "compiled"] = "eager"
+    """What the models are timed in (the dense reference too): eager PyTorch, an ONNX Runtime session of the
+    model exported to ONNX (CPU, ``threads`` intra-op threads; needs the ``deploy`` extra), or
+    ``torch.compile``. The pruned models' latency ranking can differ between runtimes: time them in the one
+    you deploy. int8-quantized plans do not export to ONNX today: with onnxruntime their trials fail."""
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime_available(cls, value: str, info: ValidationInfo) -> str:
+        if value == "onnxruntime":
+            if info.data.get("device") == "cuda":
+                raise ValueError("onnxruntime is timed on the CPU (its CPU execution provider): expected "
+                                 "latency.device cpu (or unset) with it, got cuda")
+            _require_deploy("latency.runtime: onnxruntime")
+        return value
 
 
 class ExecutionConfig(_Strict):
@@ -310,6 +329,28 @@ class TrackingConfig(_Strict):
     """MLflow tracking URI; default: ``sqlite:///<work_dir>/mlflow.db``."""
     experiment: str | None = None
     log_models: bool = True
+    model_formats: list[Literal["torch", "onnx"]] = Field(default_factory=lambda: ["torch"])
+    """What each Pareto trial's MLflow model carries: ``torch`` (the MLflow model itself, always) and, with
+    ``onnx``, ``model.onnx`` beside it (checked in ONNX Runtime; needs the ``deploy`` extra)."""
+
+    @field_validator("model_formats")
+    @classmethod
+    def _torch_first(cls, value: list[str]) -> list[str]:
+        if "torch" not in value or len(set(value)) != len(value):
+            raise ValueError("expected a list of distinct formats that includes torch (the MLflow model itself), "
+                             "e.g. [torch] or [torch, onnx]")
+        if "onnx" in value:
+            _require_deploy("tracking.model_formats: [torch, onnx]")
+        return value
+
+
+def _require_deploy(what: str) -> None:
+    """``what`` needs the ONNX packages: a clear error now rather than a failure in every trial."""
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"{what} needs {', '.join(missing)}: pip install 'autoprune[deploy]'")
 
 
 class SearchConfig(_Strict):
@@ -500,7 +541,8 @@ def config_from_mapping(raw: Mapping[str, Any], base_dir: str | Path, overrides:
 
 
 ALWAYS_CHANGEABLE = ("study.n_trials", "study.storage", "study.db_url", "execution.", "tracking.uri",
-                     "tracking.log_models", "study.baselines", "study.baseline_rules", "space.sensitivity_bounds",
+                     "tracking.log_models",
+                     "tracking.model_formats", "study.baselines", "study.baseline_rules", "space.sensitivity_bounds",
                      "space.sensitivity_margin")
 """Config fields a resume may change freely: how long and where the search runs, not what it searches
 (baselines and sensitivity caps are read only when the study is created)."""

@@ -22,7 +22,7 @@ from .methods import PruneContext
 from .model_io import build_loaders, build_model, check_loaders, import_factory, load_checkpoint
 from .space import SearchSpace, find_head
 from .task_check import check_task
-from .training import TrainSettings, train
+from .training import TrainSettings, causal_lm_loss, train
 from .trial import Batches, Screening, TrialSettings, trial_device
 
 
@@ -59,19 +59,71 @@ def _loaders(config: SearchConfig, live: Live) -> tuple[tuple[Batches, Batches, 
     """``(train, val, test or None)`` and the modules they came from; a live ``test_data`` (given to
     ``autoprune.Search``) is the test split, also beside a data factory (it takes the factory's place)."""
     batch_size = config.data.batch_size if config.data is not None else 64
-    test = None if live.test_data is None else as_loader(live.test_data, batch_size, shuffle=False)
+    lm = config.model.task == "causal_lm"
+    test = None if live.test_data is None else _task_batches(as_loader(live.test_data, batch_size, shuffle=False), lm)
     if live.train_data is not None:
-        loaders = tuple(as_loader(data, batch_size, shuffle=which == "train")
+        loaders = tuple(_task_batches(as_loader(data, batch_size, shuffle=which == "train"), lm)
                         for which, data in (("train", live.train_data), ("val", live.val_data)))
         return check_loaders((*loaders, test), "train_data/val_data/test_data"), []
     if config.data is None or config.data.factory is None:
         raise ConfigError("field 'data.factory': required unless the data are given "
                           "(autoprune.Search(train_data=..., val_data=...))")
     factory, module = import_factory(config.data.factory, config.base_dir, "data.factory")
+    if lm:
+        factory = _lm_factory(factory)
     train, val, factory_test = build_loaders(factory, config.data.kwargs, "data.factory")
     if test is not None:
         check_loaders((train, val, test), "test_data")
     return (train, val, test if test is not None else factory_test), [module]
+
+
+class LMBatches:
+    """A causal LM's batches as ``(input_ids, labels)`` (``model.task: causal_lm``): ``input_ids`` alone (a
+    tensor, or the 1-tuple a ``TensorDataset`` of ids yields) become ``(input_ids, input_ids)``, since the
+    loss shifts the labels itself; ``(input_ids, labels)`` pairs pass unchanged."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Any:
+        for batch in self.loader:
+            if isinstance(batch, torch.Tensor):
+                yield batch, batch
+            elif isinstance(batch, tuple | list) and len(batch) == 1:
+                yield batch[0], batch[0]
+            else:
+                yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def _task_batches(loader: Any, lm: bool) -> Any:
+    return LMBatches(loader) if lm and loader is not None else loader
+
+
+def _lm_factory(factory: Any) -> Any:
+    """The data factory with each returned loader seen through :class:`LMBatches`."""
+    def wrapped(**kwargs: Any) -> Any:
+        loaders = factory(**kwargs)
+        if not isinstance(loaders, tuple | list):
+            return loaders  # build_loaders names the mistake
+        return tuple(_task_batches(loader, True) for loader in loaders)
+    return wrapped
+
+
+def _task_functions(config: SearchConfig, loss_fn: Any, metric_fn: Any) -> Any:
+    """``model.task``'s loss (``causal_lm``: the shifted next-token cross-entropy unless ``model.loss``), and
+    a check that the settings it does not support are off."""
+    if config.model.task != "causal_lm":
+        return loss_fn
+    if metric_fn is not None:
+        raise ConfigError("field 'model.metric': expected none with model.task causal_lm, whose objective is "
+                          f"validation perplexity; got {config.model.metric!r}")
+    if config.finetune.screening.enabled:
+        raise ConfigError("field 'finetune.screening': expected it off with model.task causal_lm (screening "
+                          "compares accuracies, higher being better); got enabled: true")
+    return loss_fn or causal_lm_loss
 
 
 def as_loader(data: Any, batch_size: int, *, shuffle: bool) -> Batches:
@@ -97,7 +149,9 @@ def build_inputs(config: SearchConfig, live: Live | None = None) -> Inputs:
         load_checkpoint(model, config.checkpoint_path)
     loss_fn = task["loss"][0] if "loss" in task else None
     metric_fn = task["metric"][0] if "metric" in task else None
-    check_task(model, train_loader, val_loader, loss_fn, metric_fn)
+    task_loss = _task_functions(config, loss_fn, metric_fn)
+    check_task(model, train_loader, val_loader, loss_fn, metric_fn, task=config.model.task)
+    loss_fn = task_loss
     head = config.space.head or find_head(model)
     if head not in dict(model.named_modules()):
         raise ConfigError(f"field 'space.head': no module named {head!r} in the model")
@@ -121,6 +175,8 @@ def build_inputs(config: SearchConfig, live: Live | None = None) -> Inputs:
         gpus=config.execution.gpus_per_trial,
         eval_precision=config.finetune.eval_precision or config.finetune.precision,
         latency_device=config.latency.device,
+        latency_runtime=config.latency.runtime,
+        task=config.model.task,
     )
     example = next(iter(val_loader))[0][:1]
     context = PruneContext(example_inputs=example, protected=settings.protected,

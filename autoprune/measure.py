@@ -30,10 +30,21 @@ All timing is single-threaded by default (``threads=1``): on a small shared mach
 torch use several threads made medians swing by an order of magnitude.  Every function that
 changes ``torch.get_num_threads()`` restores it, and every function that switches a model to
 eval mode restores its training flag.
+
+Runtimes
+--------
+Eager PyTorch is not what a user deploys, and the ranking of pruned models can differ in the runtime
+that runs them.  :func:`runtime_model` turns a model into a module the functions above time as they time
+the model itself: ``eager`` (the model), ``compiled`` (``torch.compile``: compiled on its first, untimed,
+call) or ``onnxruntime`` (:class:`OnnxRuntimeModel`: the model exported with ``torch.onnx.export(...,
+dynamo=True)`` and run by an ONNX Runtime ``InferenceSession`` with ``threads`` intra-op threads on the
+CPU).  Compare a pruned model with a dense one only in the same runtime.  ``onnx``, ``onnxscript`` and
+``onnxruntime`` are imported when first needed (the ``deploy`` extra).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -44,15 +55,20 @@ from torch import Tensor, nn
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
-from .training import as_fp32, autocast, model_device, synchronize, to_device
+from .training import as_fp32, autocast, causal_lm_nll, model_device, synchronize, to_device
 
 __all__ = [
+    "RUNTIMES",
     "LatencySample",
+    "OnnxRuntimeModel",
     "count_macs",
     "count_parameters",
     "evaluate_accuracy",
+    "evaluate_perplexity",
     "honest_latency_ms",
+    "onnx_bytes",
     "reference_latency_ms",
+    "runtime_model",
     "time_interleaved",
     "time_model",
 ]
@@ -152,6 +168,27 @@ def evaluate_accuracy(
     if total == 0:
         raise ValueError("evaluate_accuracy: the loader yielded no samples")
     return score / total
+
+
+def evaluate_perplexity(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], precision: str = "fp32") -> float:
+    """``exp`` of the mean next-token negative log-likelihood over every counted token of ``loader``
+    (:func:`~autoprune.training.causal_lm_nll`; lower is better, 1.0 for a model that is always sure and right).
+
+    Tokens, not sequences, are averaged, so batches of different lengths weigh by their tokens. Same
+    eval-mode, device and precision handling as :func:`evaluate_accuracy`. Raises ``ValueError`` if the
+    loader yields no token to predict."""
+    device = _model_device(model)
+    nll, tokens = 0.0, 0
+    with _eval_mode(model), torch.no_grad():
+        for inputs, targets in loader:
+            inputs, targets = to_device(inputs, device), to_device(targets, device)
+            with autocast(device, precision):
+                outputs = model(inputs)
+            batch_nll, batch_tokens = causal_lm_nll(outputs, targets)
+            nll, tokens = nll + float(batch_nll), tokens + batch_tokens
+    if tokens == 0:
+        raise ValueError("evaluate_perplexity: the loader yielded no token to predict")
+    return math.exp(nll / tokens)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -283,16 +320,19 @@ def time_interleaved(
 
 
 def reference_latency_ms(
-    model: nn.Module, inputs: Tensor, *, threads: int = 1, repeats: int = 5, min_run_time: float = 0.2
+    model: nn.Module, inputs: Tensor, *, threads: int = 1, repeats: int = 5, min_run_time: float = 0.2,
+    runtime: str = "eager",
 ) -> float:
     """The lowest of ``repeats`` :func:`time_model` medians: a reference latency (``dense_alone_ms``).
 
     Interference from other processes only ever adds time, so on a machine that is not
     guaranteed to be idle the lowest median is the best estimate of the undisturbed latency;
-    a single median taken while something else ran was seen 2x too high.
+    a single median taken while something else ran was seen 2x too high.  ``runtime``: see
+    :func:`runtime_model` (the model is converted once, before timing).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    model = runtime_model(model, inputs, runtime, threads=threads)
     medians = [time_model(model, inputs, threads=threads, min_run_time=min_run_time) for _ in range(repeats)]
     return min(m.median_ms for m in medians)
 
@@ -306,6 +346,7 @@ def honest_latency_ms(
     threads: int = 1,
     rounds: int = 5,
     min_run_time: float = 0.05,
+    runtime: str = "eager",
 ) -> tuple[float, float, float]:
     """Latency estimate of ``pruned`` that is robust to other work running on the machine.
 
@@ -316,9 +357,12 @@ def honest_latency_ms(
 
     Returns ``(estimated_ms, raw_pruned_ms, ratio)`` where ``raw_pruned_ms`` is the pruned
     model's median in this (possibly busy) window and ``ratio = pruned_median / dense_median``.
+    ``runtime`` (:func:`runtime_model`) is the runtime both models are timed in; ``dense_alone_ms``
+    must have been measured in the same one.
     """
     samples = time_interleaved(
-        {"pruned": pruned, "dense": dense},
+        {"pruned": runtime_model(pruned, inputs, runtime, threads=threads),
+         "dense": runtime_model(dense, inputs, runtime, threads=threads)},
         inputs,
         threads=threads,
         rounds=rounds,
@@ -327,3 +371,108 @@ def honest_latency_ms(
     raw_pruned = samples["pruned"].median_ms
     ratio = raw_pruned / samples["dense"].median_ms
     return dense_alone_ms * ratio, raw_pruned, ratio
+
+
+# ---- runtimes: what the model is deployed in ----
+
+RUNTIMES = ("eager", "onnxruntime", "compiled")
+"""The runtimes :func:`runtime_model` times a model in (``latency.runtime``)."""
+
+#: Largest batch an exported graph with a dynamic batch dimension accepts.
+MAX_BATCH = 4096
+
+
+def export_program(model: nn.Module, inputs: Tensor, *, dynamic: bool = True) -> tuple[torch.export.ExportedProgram,
+                                                                                       bool]:
+    """``torch.export`` of ``model`` (in eval mode) on ``inputs``, with a dynamic batch dimension when ``dynamic``;
+    returns the program and whether its batch is dynamic.
+
+    A dynamic batch needs an example batch of at least 2 (torch specialises a size of 1), so a batch of one is
+    doubled for the export. A model that specialises the batch size (a reshape to a fixed batch...) is exported
+    for ``inputs``' shape instead; errors of that last export propagate.
+    """
+    with _eval_mode(model):
+        if dynamic:
+            example = inputs if inputs.shape[0] > 1 else torch.cat([inputs, inputs])
+            batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+            try:
+                return torch.export.export(model, (example,), dynamic_shapes=({0: batch},)), True
+            except Exception:  # specialised batch: the static export below still works
+                pass
+        return torch.export.export(model, (inputs,)), False
+
+
+@contextmanager
+def _quiet_onnx() -> Iterator[None]:
+    """Silence the ONNX exporter's chatter (skipped torchvision ops, deprecations inside torch); errors still raise."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def onnx_bytes(model: nn.Module, inputs: Tensor, *, dynamic: bool = True) -> tuple[bytes, bool]:
+    """``model`` as an ONNX file (its bytes) through ``torch.onnx.export(..., dynamo=True)`` of
+    :func:`export_program`'s program; returns the bytes and whether the batch dimension is dynamic.
+    Needs ``onnx`` and ``onnxscript`` (the ``deploy`` extra); export errors propagate."""
+    program, is_dynamic = export_program(model, inputs, dynamic=dynamic)
+    with _quiet_onnx():
+        exported = torch.onnx.export(program, dynamo=True, verbose=False)
+    return exported.model_proto.SerializeToString(), is_dynamic
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An ONNX Runtime ``InferenceSession`` behind a module's call, so the timing functions time it as they
+    time a model: ``forward(x)`` feeds the CPU tensor ``x`` to the session's one input and returns the
+    session's outputs (a list of numpy arrays). ``threads`` intra-op threads, one inter-op thread, sequential
+    execution, all graph optimisations, CPU execution provider. It has no parameters: no copy, no ``.to``."""
+
+    def __init__(self, model: bytes | str, *, threads: int = 1) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3  # errors only
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        feeds = self.session.get_inputs()
+        if len(feeds) != 1:
+            raise ValueError(f"OnnxRuntimeModel: expected an ONNX graph with one input, got {len(feeds)}")
+        self.input_name = feeds[0].name
+
+    def forward(self, x: Tensor) -> list:
+        return self.session.run(None, {self.input_name: x.detach().cpu().numpy()})
+
+
+def runtime_model(model: nn.Module, inputs: Tensor, runtime: str = "eager", *, threads: int = 1) -> nn.Module:
+    """``model`` ready to be timed on ``inputs`` in ``runtime`` (one of :data:`RUNTIMES`).
+
+    ``eager``: the model itself. ``compiled``: ``torch.compile(model)``, compiled by its first (untimed
+    warm-up) call; dynamo's caches are cleared first, because compiling model after model in one process
+    (each trial's) would otherwise reach its recompile limit, after which torch silently runs eager code.
+    ``onnxruntime``: an :class:`OnnxRuntimeModel` of the model exported for ``inputs`` (dynamic batch where
+    the model allows), ``threads`` intra-op threads; CPU inputs only.
+    """
+    if runtime == "eager":
+        return model
+    if runtime == "compiled":
+        torch.compiler.reset()
+        return torch.compile(model)
+    if runtime == "onnxruntime":
+        if inputs.device.type != "cpu":
+            raise ValueError(f"runtime onnxruntime: ONNX Runtime is timed on the CPU; got inputs on {inputs.device}")
+        return OnnxRuntimeModel(onnx_bytes(model, inputs)[0], threads=threads)
+    raise ValueError(f"runtime: expected one of {', '.join(RUNTIMES)}, got {runtime!r}")

@@ -1,6 +1,22 @@
 """Saving pruned models honestly: the "size" objective is the bytes of these files on disk.
 
-Depends on torch only (and autoprune's error types).  A saved model is a directory with two files:
+Depends on torch and safetensors only (and autoprune's error types).  A saved model is a directory
+with two open files (:mod:`autoprune.weights_format` describes them):
+
+``model.safetensors`` -- the tensors (state dict and non-persistent buffers) as safetensors: dense
+    tensors as they are, mostly-zero ones as a uint8 bitmask beside their non-zero values, int8
+    weights as their integers and scales; how each is stored is JSON in the file's header.
+``architecture.json`` -- the pruned architecture as data: every module's class and the attributes
+    pruning changes (channels, features, heads, blocks replaced by ``nn.Identity``), the tensors'
+    names; rebuilt by class name or from the user's model factory, then the tensors are loaded.
+    Nothing is unpickled, except for a model whose architecture cannot be described as data and
+    whose factory is unknown: its JSON then carries the old pickled skeleton (a warning says so).
+
+``load_model`` still reads the previous format, below: ``weights.pt`` + ``skeleton.pt``
+(:data:`LEGACY_WEIGHTS_FILE`, :data:`LEGACY_SKELETON_FILE`), what trials of older autoprune have.
+
+Legacy format
+=============
 
 ``weights.pt`` -- the state dict, in a sparse-aware format (below).
 ``skeleton.pt`` -- the architecture: the model itself, deep-copied with every parameter and
@@ -84,7 +100,7 @@ model did.  (The unused output ``scale``/``zero_point`` of a dynamic layer are n
 their defaults 1.0 / 0.)  Only ``qint8`` dynamic Linear layers are supported; other quantized
 modules (static, float16 dynamic) make ``save_model`` raise ``TypeError``.
 
-Not supported (``save_model`` raises ``ValueError``): modules still carrying
+Not supported (``save_model`` raises ``ValueError``; both formats): modules still carrying
 ``torch.nn.utils.prune`` re-parametrisation hooks or ``torch.nn.utils.parametrize``
 parametrisations -- make pruning permanent first (``prune.remove``), so the zeros live in the
 weights.  State-dict entries that are not tensors (``get_extra_state``) raise ``TypeError``.
@@ -98,7 +114,7 @@ import io
 import os
 import pickle
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,12 +122,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
-from . import quantize
+from . import quantize, weights_format
 
 __all__ = [
     "FILES_ATTR",
     "FORMAT",
     "FORMAT_VERSION",
+    "LEGACY_SKELETON_FILE",
+    "LEGACY_WEIGHTS_FILE",
     "READABLE_VERSIONS",
     "SKELETON_FILE",
     "SPARSE_OVERHEAD_BYTES",
@@ -119,6 +137,7 @@ __all__ = [
     "ModelFiles",
     "digests",
     "file_digests",
+    "has_model_files",
     "load_model",
     "load_weights",
     "model_size_bytes",
@@ -129,11 +148,15 @@ __all__ = [
 FORMAT = "autoprune.sparse_state_dict"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-WEIGHTS_FILE = "weights.pt"
-SKELETON_FILE = "skeleton.pt"
+WEIGHTS_FILE = "model.safetensors"
+SKELETON_FILE = "architecture.json"
+"""The architecture file (the name is kept from the skeleton it replaces, for the driver and the digests)."""
+LEGACY_WEIGHTS_FILE = "weights.pt"
+LEGACY_SKELETON_FILE = "skeleton.pt"
 FILES_ATTR = "autoprune.files"
 """Optuna trial user attribute: :func:`digests` of the trial's two files, stored by the driver that wrote them;
-the only source of truth that lets :func:`load_model` unpickle a trial's skeleton."""
+the only source of truth that lets :func:`load_model` rebuild a trial's model (unpickle a legacy skeleton, call
+the factory an architecture file names)."""
 # Extra bytes torch.save writes for a sparse entry compared with a dense one (one more storage
 # record in the zip archive, alignment, the small dict); measured about 380 with torch 2.13.
 SPARSE_OVERHEAD_BYTES = 512
@@ -378,7 +401,7 @@ def _quantized_slots(model: nn.Module) -> dict[str, quantize.QuantizedLinearSlot
     """A :class:`~autoprune.quantize.QuantizedLinearSlot` for each quantized Linear, by module name."""
     slots = {}
     for name, module in model.named_modules():
-        if quantize.is_quantized_linear(module):
+        if quantize.is_quantized_linear(module) and not isinstance(module, nn.Linear):  # legacy torch.ao layers
             weight, bias = module._weight_bias()
             if weight.dtype != torch.qint8:
                 raise TypeError(f"module {name or '<root>'!r}: only qint8 dynamic quantized Linear layers can be "
@@ -458,15 +481,46 @@ def _materialize(skeleton: nn.Module) -> None:
                 module._buffers[key] = memo[id(b)]
 
 
-def save_model(model: nn.Module, directory: str | os.PathLike[str]) -> ModelFiles:
-    """Save ``model`` as ``directory/weights.pt`` + ``directory/skeleton.pt``; ``model`` is not changed.
+def _atomic_write(data: bytes, path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path.stat().st_size
 
-    See the module docstring for what each file holds and what is not supported.
+
+def save_model(model: nn.Module, directory: str | os.PathLike[str]) -> ModelFiles:
+    """Save ``model`` as ``directory/model.safetensors`` + ``directory/architecture.json``; ``model`` is not
+    changed. Each file is written to a temporary name and renamed, so a crash never leaves half a file.
+
+    See the module docstring (and :mod:`autoprune.weights_format`) for what each file holds and what is not
+    supported; legacy ``torch.ao`` quantized layers raise ``TypeError`` (autoprune quantizes with torchao).
     """
     _check_saveable(model)
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith("torch.ao.nn.quantized"):
+            raise TypeError(f"module {name or '<root>'!r}: {type(module).__name__} (torch.ao quantization) cannot be "
+                            "saved in the open format; quantize with autoprune.quantize.quantize_model (torchao)")
     directory = Path(directory)
     weights_path = directory / WEIGHTS_FILE
     skeleton_path = directory / SKELETON_FILE
+    skeleton_bytes = _atomic_write(weights_format.architecture_bytes(model), skeleton_path)
+    weights_bytes = _atomic_write(weights_format.weights_bytes(weights_format.model_tensors(model)), weights_path)
+    return ModelFiles(weights_path=weights_path, skeleton_path=skeleton_path, weights_bytes=weights_bytes,
+                      skeleton_bytes=skeleton_bytes)
+
+
+def _save_model_legacy(model: nn.Module, directory: str | os.PathLike[str]) -> ModelFiles:
+    """Save ``model`` in the legacy format (``weights.pt`` + pickled ``skeleton.pt``), what older autoprune
+    wrote; kept so that tests make old-format trials with the very code that wrote them."""
+    _check_saveable(model)
+    directory = Path(directory)
+    weights_path = directory / LEGACY_WEIGHTS_FILE
+    skeleton_path = directory / LEGACY_SKELETON_FILE
     slots = _quantized_slots(model)
     skeleton = _meta_skeleton(model, slots)
     skeleton_bytes = _atomic_torch_save(skeleton, skeleton_path)
@@ -484,26 +538,44 @@ def _sha256(data: bytes) -> str:
 
 
 def digests(weights: bytes, skeleton: bytes) -> dict[str, str]:
-    """The sha256 (hex) of a saved model's two files, from their bytes: ``{"weights.pt": ..., "skeleton.pt": ...}``.
+    """The sha256 (hex) of a saved model's two files, from their bytes, by file name:
+    ``{"model.safetensors": ..., "architecture.json": ...}``.
 
     The driver stores this as the trial's user attribute :data:`FILES_ATTR` when it writes the files;
-    :func:`load_model` given it as ``expected`` refuses files that differ (a planted skeleton would run code
-    when unpickled)."""
+    :func:`load_model` given it as ``expected`` refuses files that differ (a planted file could name code to
+    run: a factory, or a legacy pickled skeleton)."""
     return {WEIGHTS_FILE: _sha256(weights), SKELETON_FILE: _sha256(skeleton)}
 
 
-def file_digests(directory: str | os.PathLike[str]) -> dict[str, str]:
-    """:func:`digests` of the two files in ``directory`` (for models saved by :func:`save_model`)."""
+def _file_names(directory: Path) -> tuple[str, str]:
+    """``(weights, architecture)`` file names in ``directory``: the open format's, or the legacy ones when only
+    those are there (a trial of an older autoprune)."""
+    if not (directory / WEIGHTS_FILE).exists() and (directory / LEGACY_WEIGHTS_FILE).exists():
+        return LEGACY_WEIGHTS_FILE, LEGACY_SKELETON_FILE
+    return WEIGHTS_FILE, SKELETON_FILE
+
+
+def has_model_files(directory: str | os.PathLike[str], *, both: bool = False) -> bool:
+    """Whether ``directory`` holds a saved model's weights file (with ``both``: its two files), either format.
+    (A model whose architecture file alone is missing is reported by :func:`load_model`, naming the file.)"""
     directory = Path(directory)
-    return digests((directory / WEIGHTS_FILE).read_bytes(), (directory / SKELETON_FILE).read_bytes())
+    names = _file_names(directory)
+    return all((directory / name).is_file() for name in (names if both else names[:1]))
 
 
-def _read_checked(directory: Path, expected: Mapping[str, str] | None) -> dict[str, bytes]:
+def file_digests(directory: str | os.PathLike[str]) -> dict[str, str]:
+    """The sha256 of the two files in ``directory`` by name (as :func:`digests`; legacy names for a legacy model)."""
+    directory = Path(directory)
+    return {name: _sha256((directory / name).read_bytes()) for name in _file_names(directory)}
+
+
+def _read_checked(directory: Path, expected: Mapping[str, str] | None,
+                  names: tuple[str, str] = (SKELETON_FILE, WEIGHTS_FILE)) -> dict[str, bytes]:
     """The bytes of both files, each checked against its digest in ``expected`` (when given); one-line errors."""
     from .errors import AutopruneError
 
     data = {}
-    for name in (SKELETON_FILE, WEIGHTS_FILE):
+    for name in names:
         path = directory / name
         if not path.is_file():
             what = "is a directory" if path.is_dir() else "is missing"
@@ -519,32 +591,62 @@ def _read_checked(directory: Path, expected: Mapping[str, str] | None) -> dict[s
         if not want:
             raise AutopruneError(f"model file {path}: the study stores no digest for it (written by an older "
                                  "autoprune, or not by this study's driver): refusing to load it, since loading "
-                                 "a skeleton runs the code it holds")
+                                 "the files may run code (a factory they name, a pickled skeleton)")
         got = _sha256(data[name])
         if got != want:
             raise AutopruneError(f"model file {path}: sha256 {got[:16]}..., expected {want[:16]}... as stored in "
                                  "the study when it was written: the file was changed or replaced since; refusing "
-                                 "to load it, since loading a skeleton runs the code it holds")
+                                 "to load it, since loading the files may run code (a factory they name, a pickled "
+                                 "skeleton)")
     return data
 
 
-def load_model(directory: str | os.PathLike[str], expected: Mapping[str, str] | None = None) -> nn.Module:
-    """Rebuild a model saved by :func:`save_model`, on CPU, in eval mode.
+def load_model(directory: str | os.PathLike[str], expected: Mapping[str, str] | None = None,
+               factory: Callable[[], nn.Module] | nn.Module | None = None) -> nn.Module:
+    """Rebuild a model saved by :func:`save_model` (or by an older autoprune), on CPU, in eval mode.
 
     ``expected`` (:func:`digests` of the files as written; a trial's :data:`FILES_ATTR`): a file whose
     sha256 differs, or has no digest there, is refused with :class:`~autoprune.errors.AutopruneError`
-    before anything is unpickled. Always pass it for files in a work dir. ``None`` skips that check:
-    only for files this process wrote itself, since the skeleton is unpickled with ``weights_only=False``
-    (it runs whatever code the file holds). Missing, unreadable or truncated files are one-line
-    :class:`~autoprune.errors.AutopruneError` s too.
+    before anything is read. Always pass it for files in a work dir. ``None`` skips that check: only for
+    files this process wrote itself, since an architecture file may name a model factory to call, and a
+    legacy skeleton (or the pickled fallback of :mod:`autoprune.weights_format`) runs whatever code it holds.
+    ``factory``: the dense model, or a callable returning it (the user's model factory); its modules are
+    reused and resized; without it the one the architecture file records is used where needed.
+    Missing, unreadable or truncated files are one-line :class:`~autoprune.errors.AutopruneError` s too.
     """
     from .errors import AutopruneError
 
     directory = Path(directory)
-    data = _read_checked(directory, expected)
-    path = directory / SKELETON_FILE
+    names = _file_names(directory)
+    data = _read_checked(directory, expected, names[::-1])
+    if names[0] == WEIGHTS_FILE:
+        try:
+            arch = weights_format.read_architecture(data[SKELETON_FILE])
+        except weights_format.FormatError as exc:
+            raise AutopruneError(f"model file {directory / SKELETON_FILE}: cannot read the architecture "
+                                 f"(damaged or truncated?): {exc}") from None
+        try:
+            tensors = weights_format.read_weights(data[WEIGHTS_FILE])
+        except Exception as exc:
+            line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise AutopruneError(f"model file {directory / WEIGHTS_FILE}: cannot read the weights (damaged or "
+                                 f"truncated?): {type(exc).__name__}: {line}") from None
+        try:
+            return weights_format.rebuild(arch, tensors, factory)
+        except Exception as exc:
+            line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise AutopruneError(f"model files in {directory}: cannot rebuild the model: {type(exc).__name__}: "
+                                 f"{line[:500]}") from None
+    return _load_model_legacy(directory, data)
+
+
+def _load_model_legacy(directory: Path, data: Mapping[str, bytes]) -> nn.Module:
+    """The legacy format's reader: unpickle ``skeleton.pt``, load ``weights.pt`` (bytes already checked)."""
+    from .errors import AutopruneError
+
+    path = directory / LEGACY_SKELETON_FILE
     try:
-        skeleton = torch.load(io.BytesIO(data[SKELETON_FILE]), map_location="cpu", weights_only=False)
+        skeleton = torch.load(io.BytesIO(data[LEGACY_SKELETON_FILE]), map_location="cpu", weights_only=False)
     except Exception as exc:
         line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise AutopruneError(f"model file {path}: cannot read the model's skeleton (damaged or truncated?): "
@@ -552,9 +654,9 @@ def load_model(directory: str | os.PathLike[str], expected: Mapping[str, str] | 
     if not isinstance(skeleton, nn.Module):
         raise AutopruneError(f"model file {path}: expected a pickled torch.nn.Module, got {type(skeleton).__name__}")
     _materialize(skeleton)
-    path = directory / WEIGHTS_FILE
+    path = directory / LEGACY_WEIGHTS_FILE
     try:
-        weights = load_weights(path, data[WEIGHTS_FILE])
+        weights = load_weights(path, data[LEGACY_WEIGHTS_FILE])
     except Exception as exc:
         line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise AutopruneError(f"model file {path}: cannot read the weights (damaged or truncated?): "

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .weights_format import remember_factory
 
 
 def import_factory(spec: str, base_dir: Path, field: str) -> tuple[Callable[..., Any], ModuleType]:
@@ -51,6 +52,7 @@ def build_model(factory: Callable[..., Any], kwargs: dict[str, Any], field: str)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"field {field!r}: expected the factory to return a torch.nn.Module, "
                           f"got {type(model).__name__}")
+    remember_factory(model, factory, kwargs)  # trial files are then rebuilt from it, with no pickled skeleton
     return model.eval()
 
 

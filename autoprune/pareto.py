@@ -2,7 +2,7 @@
 
 Optuna keeps its non-dominated sort and hypervolume in private modules; they are
 wrapped here, in one place, so an Optuna upgrade touches one file. Objectives
-are autoprune's fixed three: accuracy (max), size_bytes (min), latency_ms (min).
+are autoprune's fixed three: accuracy (max; or perplexity, min), size_bytes (min), latency_ms (min).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from optuna._hypervolume import compute_hypervolume
 from optuna.study._multi_objective import _fast_non_domination_rank
 from optuna.trial import FrozenTrial, TrialState
 
-from .study import BASELINE_ATTR, STALE_ATTR
+from .study import BASELINE_ATTR, OBJECTIVE_ATTR, STALE_ATTR
 
 FRONT_COLUMNS = ("trial", "accuracy", "accuracy_drop", "test_accuracy", "size_bytes", "latency_ms", "params",
                  "nonzero_params", "macs", "param_sparsity", "finetune_epochs_spent")
@@ -30,9 +30,17 @@ test split (empty without one); ``finetune_epochs_spent``: what the point cost (
 for a plan that screening stopped early)."""
 
 
+def score(trial: FrozenTrial) -> float:
+    """The first objective as 'higher is better', in [0, 1] for the built-in metrics: accuracy itself; a
+    minimized perplexity (>= 1; the trial carries ``OBJECTIVE_ATTR``) as its reciprocal, the geometric-mean
+    probability of the right token, which orders trials the same way and keeps the hypervolume bounded."""
+    value = trial.values[0]
+    return 1.0 / value if trial.user_attrs.get(OBJECTIVE_ATTR) else value
+
+
 def _losses(trials: Sequence[FrozenTrial]) -> np.ndarray:
-    """Objective values turned into 'lower is better' (accuracy negated)."""
-    return np.array([[-t.values[0], t.values[1], t.values[2]] for t in trials], dtype=float).reshape(-1, 3)
+    """Objective values turned into 'lower is better' (:func:`score` negated)."""
+    return np.array([[-score(t), t.values[1], t.values[2]] for t in trials], dtype=float).reshape(-1, 3)
 
 
 def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -117,7 +125,7 @@ def to_json(data: Any) -> str:
 
 # ---- hypervolume ----
 def hypervolume(trials: Sequence[FrozenTrial], dense_size: float, dense_latency: float) -> float:
-    """Hypervolume of the front in normalised space: accuracy in [0, 1], size and
+    """Hypervolume of the front in normalised space: accuracy (or 1 / perplexity) in [0, 1], size and
     latency as fractions of the dense model's, reference point (accuracy 0,
     1.0x dense size, 1.0x dense latency). 1.0 would be a perfect, free model;
     trials no smaller or no faster than the dense model add nothing, nor do infeasible trials."""

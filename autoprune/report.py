@@ -47,6 +47,7 @@ FRONT_SIZE = "front_size"
 FRONT_CSV, FRONT_JSON, CHART_HTML, CHART_PNG, SUMMARY_MD = (
     "pareto_front.csv", "pareto_front.json", "pareto_front.html", "pareto_front.png", "summary.md")
 CSV_COLUMNS = (*pareto.FRONT_COLUMNS, "baseline", "plan")
+ONNX_FILE = "model.onnx"  # beside a Pareto trial's MLflow model, with tracking.model_formats [torch, onnx]
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,10 @@ class ModelSource:
     expected: dict[int, Mapping[str, str]] = field(default_factory=dict)
     """Trial number -> the digests of its files stored in the study (``model_files.FILES_ATTR``), filled in by
     :meth:`StudyReport.finalize`; ``load`` refuses files that do not match them."""
+    formats: tuple[str, ...] = ("torch",)
+    """``tracking.model_formats``: with ``onnx``, each MLflow model carries ``model.onnx`` beside it."""
+    check_batches: tuple[Any, ...] = ()
+    """Validation batches the ONNX file is checked on in ONNX Runtime (:func:`autoprune.export.export_onnx`)."""
 
 
 def model_source(workspace: Workspace) -> ModelSource | None:
@@ -77,8 +82,17 @@ def model_source(workspace: Workspace) -> ModelSource | None:
     # MLflow models of a single-tensor input only; other inputs (dicts, tuples) get no model, with a reason
     example = batch[:2].detach().cpu().numpy() if isinstance(batch, torch.Tensor) else None
     expected: dict[int, Mapping[str, str]] = {}
+    formats = tuple(workspace.config.tracking.model_formats)
+    checks: tuple[Any, ...] = ()
+    if "onnx" in formats:
+        from itertools import islice
+
+        from .export import CHECK_BATCHES
+
+        checks = tuple(b[0] for b in islice(iter(inputs.val_loader), CHECK_BATCHES))
     return ModelSource(lambda number: model_files.load_model(workspace.trial_dir(number), expected.get(number, {})),
-                       example, tuple(m.__file__ for m in inputs.modules if getattr(m, "__file__", None)), expected)
+                       example, tuple(m.__file__ for m in inputs.modules if getattr(m, "__file__", None)), expected,
+                       formats, checks)
 
 
 def stored_failure(trial: FrozenTrial) -> TrialFailure | str:
@@ -224,7 +238,8 @@ class StudyReport:
                       "on_front": by_number[t.number].on_front, "feasible": by_number[t.number].feasible}
                      for t in trials if by_number[t.number].baseline]
         front_size = sum(1 for p in points if p.on_front)
-        latencies = f"latencies are for {self.baseline.latency_device}, batch {self.baseline.latency_batch}"
+        latencies = (f"latencies are for {self.baseline.latency_device}, batch {self.baseline.latency_batch}, "
+                     f"runtime {self.baseline.latency_runtime}")
         title = (f"{self.study_name}: {len(points)} complete trials, {front_size} on the Pareto front, "
                  f"hypervolume {hv:.4f}; {latencies}")
         document = {"study": self.study_name, "dense": asdict(self.baseline), "hypervolume": hv,
@@ -258,7 +273,8 @@ class StudyReport:
                                     "from 'autoprune export')")
                 model = self.models.load(number)
                 self.tracker.log_model(number, model, self.models.example, code_paths=self.models.code_paths,
-                                       tags={"autoprune.study": self.study_name})
+                                       tags={"autoprune.study": self.study_name},
+                                       extra_files=self._onnx_file(number, model))
                 logged.append(number)
                 self.models_logged.append(number)
             except Exception as exc:
@@ -266,6 +282,28 @@ class StudyReport:
                 self.model_errors[number] = reason
                 log.warning("could not log trial %d's model to MLflow: %s", number, reason)
         return logged
+
+    def _onnx_file(self, number: int, model: torch.nn.Module) -> dict[str, bytes]:
+        """``{"model.onnx": bytes}`` when ``tracking.model_formats`` asks for ONNX (the file checked in ONNX
+        Runtime on validation batches), else nothing. A model that does not export is still logged, without
+        the file; the reason goes to ``model_errors`` and the log."""
+        if self.models is None or "onnx" not in self.models.formats:
+            return {}
+        import tempfile
+        from pathlib import Path
+
+        from .export import export_onnx
+
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                report = export_onnx(model, list(self.models.check_batches), Path(tmp) / ONNX_FILE,
+                                     what=f"trial {number}'s model")
+                return {ONNX_FILE: report.path.read_bytes()}
+        except Exception as exc:
+            reason = f"{ONNX_FILE}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.model_errors[number] = reason
+            log.warning("trial %d's MLflow model is logged without %s: %s", number, ONNX_FILE, reason)
+            return {}
 
     def finish(self, status: str) -> None:
         self.tracker.finish_parent(self.parent_id, status)

@@ -277,8 +277,7 @@ def repair_records(study: optuna.Study, tracker: Tracker, parent_id: str, worksp
     if models:
         lines.append(f"deleted {len(models)} MLflow model(s) a stopped driver left half-logged; they are logged again")
     missing = [t.number for t in trials if t.state == optuna.trial.TrialState.COMPLETE
-               and not all((workspace.trial_dir(t.number) / name).is_file()
-                           for name in (model_files.WEIGHTS_FILE, model_files.SKELETON_FILE))]
+               and not model_files.has_model_files(workspace.trial_dir(t.number), both=True)]
     if missing:
         lines.append(f"complete trials {missing} have no model files under {workspace.config.study_path / 'trials'}: "
                      "they get no MLflow model and cannot be exported")

@@ -1,8 +1,9 @@
 """The Optuna study: objectives, sampler, create / load, what a trial's record holds, and telling results.
 
-The only module that creates or loads studies. Objectives are fixed: accuracy (maximize), size on
-disk in bytes (minimize), latency in ms (minimize). Storage (with reconnects) lives in
-:mod:`autoprune.storage`; several drivers on one study, and crash recovery, in :mod:`autoprune.drivers`.
+The only module that creates or loads studies. Objectives are fixed: accuracy (maximize; with
+``model.task: causal_lm`` perplexity, minimize), size on disk in bytes (minimize), latency in ms (minimize).
+Storage (with reconnects) lives in :mod:`autoprune.storage`; several drivers on one study, and crash recovery,
+in :mod:`autoprune.drivers`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ log = logging.getLogger("autoprune")
 
 OBJECTIVES = ("accuracy", "size_bytes", "latency_ms")
 DIRECTIONS = ("maximize", "minimize", "minimize")
+OBJECTIVE_ATTR = "autoprune.objective"
+"""Study user attribute ``{"name", "direction"}`` of the first objective (``model.task: causal_lm``: perplexity,
+minimized); on each trial of such a study, the name (:mod:`autoprune.pareto` turns it into 'higher is better')."""
+
+
+def first_objective(snapshot: Mapping[str, Any]) -> tuple[str, str]:
+    """(name, direction) of the first objective for a config snapshot: the direction follows the metric."""
+    task = (snapshot.get("model") or {}).get("task", "classification")
+    return ("perplexity", "minimize") if task == "causal_lm" else ("accuracy", "maximize")
 
 CONFIG_ATTR = "autoprune.config"
 DIGEST_ATTR = "autoprune.config_digest"
@@ -90,10 +100,13 @@ def create_study(storage: RDBStorage, name: str, sampler: BaseSampler, snapshot:
                  digest: str) -> optuna.Study:
     """A new study with the (password-masked) config snapshot stored in its user attributes."""
     ensure_absent(storage, name)
-    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, directions=list(DIRECTIONS))
+    metric, direction = first_objective(snapshot)
+    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
+                                directions=[direction, *DIRECTIONS[1:]])
     with warnings.catch_warnings():  # experimental in Optuna 5; other clients (optuna-dashboard) show the names
         warnings.simplefilter("ignore")
-        study.set_metric_names(list(OBJECTIVES))
+        study.set_metric_names([metric, *OBJECTIVES[1:]])
+    study.set_user_attr(OBJECTIVE_ATTR, {"name": metric, "direction": direction})
     crash_point("study.created")
     record_config(study, snapshot, digest)
     return study
@@ -112,7 +125,8 @@ def load_study(storage: RDBStorage, name: str, sampler: BaseSampler) -> optuna.S
     if not _exists(storage, name):
         raise StorageError(f"no study {name!r} in {safe_url(storage.url)}; start it with 'autoprune run'")
     study = optuna.load_study(storage=storage, study_name=name, sampler=sampler)
-    expected = [StudyDirection.MAXIMIZE, StudyDirection.MINIMIZE, StudyDirection.MINIMIZE]
+    first = (study.user_attrs.get(OBJECTIVE_ATTR) or {}).get("direction", "maximize")
+    expected = [StudyDirection[first.upper()], StudyDirection.MINIMIZE, StudyDirection.MINIMIZE]
     if list(study.directions) != expected:
         raise StorageError(f"study {name!r} has directions {[d.name for d in study.directions]}, "
                            f"expected {[d.name for d in expected]}: it was not made by autoprune")
@@ -153,7 +167,8 @@ def tell_success(study: optuna.Study, trial: optuna.Trial, result: TrialResult,
     ``Trial.set_constraint``, seen by the samplers and by ``best_trials``); False if another driver had
     already marked it stale (result dropped)."""
     try:
-        _set_attrs(trial, {**result.as_metrics(), EXTRA_ATTR: dict(result.extra), **(attrs or {})})
+        minimized = {OBJECTIVE_ATTR: "perplexity"} if study.directions[0] == StudyDirection.MINIMIZE else {}
+        _set_attrs(trial, {**result.as_metrics(), EXTRA_ATTR: dict(result.extra), **minimized, **(attrs or {})})
         for key, value in (constraints or {}).items():
             trial.set_constraint(key, value)
         crash_point("tell.attrs")

@@ -18,12 +18,15 @@ def _shape(value: object) -> str:
 
 def check_task(model: nn.Module, train_loader: Batches, val_loader: Batches,
                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
-               metric_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> None:
+               metric_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None, *,
+               task: str = "classification") -> None:
     """Run the model on one validation and one training batch and compute the loss (``model.loss``,
     default cross-entropy) and the metric (``model.metric``, default top-1) on its outputs, so that a
     model whose outputs do not fit the data's targets (5 classes for 10 labels, no batch dimension)
     is a :class:`ConfigError` naming both factories and the shapes, before anything is trained or
-    written. The random number generator's state and the model's training flag are left as they were."""
+    written. With ``task="causal_lm"`` the outputs must be logits ``[batch, length, vocab]`` (or carry them as
+    ``.logits``) for labels ``[batch, length]`` of token ids below ``vocab`` (:func:`_check_lm`). The random
+    number generator's state and the model's training flag are left as they were."""
     from .measure import top1
 
     loss_name = "model.loss" if loss_fn is not None else "the default loss (cross-entropy)"
@@ -40,6 +43,9 @@ def check_task(model: nn.Module, train_loader: Batches, val_loader: Batches,
                 except Exception as exc:
                     raise ConfigError(f"field 'model.factory': the model fails on {given}: "
                                       f"{type(exc).__name__}: {_first_line(exc)}") from None
+                if task == "causal_lm":
+                    _check_lm(outputs, targets, given, loss_fn)
+                    continue
                 batch = inputs.shape[0] if inputs.dim() else 0
                 tensor_out = isinstance(outputs, torch.Tensor) and outputs.dim() > 0
                 if not tensor_out and (loss_fn is None or metric_fn is None):  # the defaults need [batch, ...]
@@ -62,6 +68,26 @@ def check_task(model: nn.Module, train_loader: Batches, val_loader: Batches,
                                  batch, f"one score per sample ({batch})")
         finally:
             model.train(was_training)
+
+
+def _check_lm(outputs: object, targets: torch.Tensor, given: str, loss_fn: Callable | None) -> None:
+    """``model.task: causal_lm``: logits ``[B, L, V]`` against labels ``[B, L]`` in ``[0, V)`` (``-100``: not
+    predicted), and the loss computes."""
+    from .training import causal_lm_loss
+
+    logits = getattr(outputs, "logits", outputs)
+    if not (isinstance(logits, torch.Tensor) and logits.dim() == 3 and targets.dim() == 2
+            and tuple(logits.shape[:2]) == tuple(targets.shape)):
+        raise ConfigError(f"field 'model.task': causal_lm expects the model to return logits [batch, length, vocab] "
+                          f"(or an object with .logits) for labels [batch, length]; got outputs {_shape(logits)} on "
+                          f"{given}")
+    counted = targets[targets != -100]
+    vocab = logits.shape[-1]
+    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= vocab):
+        raise ConfigError(f"field 'model.task': {given} holds token ids from {int(counted.min())} to "
+                          f"{int(counted.max())}, but the model's logits give a vocabulary of {vocab}")
+    name = "model.loss" if loss_fn is not None else "the causal-LM loss (shifted next-token cross-entropy)"
+    _check_output_fn(loss_fn, causal_lm_loss, "model.loss", name, outputs, targets, given, 1, "a scalar tensor")
 
 
 def _check_output_fn(fn: Callable | None, default: Callable, field: str, name: str, outputs: object,

@@ -295,13 +295,15 @@ class Tracker:
         return self._models.get(number)
 
     def log_model(self, number: int, model: Any, input_example: Any, *, code_paths: Sequence[str] = (),
-                  tags: Mapping[str, str] = ()) -> str:
+                  tags: Mapping[str, str] = (), extra_files: Mapping[str, bytes] = ()) -> str:
         """Log trial ``number``'s pruned model as an MLflow model (the ``mlflow.pytorch`` flavour,
         with signature and input example) on its child run; returns the model id.
 
         It is saved as ``pt2`` (``torch.export``), which loads with torch alone and without
         ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION``; a model ``torch.export`` cannot trace is
         pickled instead, with the user's model code (``code_paths``) inside the model.
+        ``extra_files`` (``{name: bytes}``, e.g. ``model.onnx``) are written beside it, in the model's
+        artifacts; the model's tag ``autoprune.files`` lists them.
         """
         import mlflow.pytorch
         import numpy as np
@@ -337,9 +339,12 @@ class Tracker:
                                           input_example=example, pip_requirements=[*requirements, "cloudpickle"],
                                           code_paths=list(code_paths) or None, serialization_format="pickle")
                 fmt = "pickle"
+            for name, content in dict(extra_files).items():
+                (path / name).write_bytes(content)
             self.client.log_model_artifacts(logged.model_id, str(path))
         self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-        self.client.set_logged_model_tags(logged.model_id, {"serialization_format": fmt})
+        files = {"autoprune.files": ",".join(extra_files)} if extra_files else {}
+        self.client.set_logged_model_tags(logged.model_id, {"serialization_format": fmt, **files})
         self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, 0)])
         self.client.set_tag(run_id, MODEL_TAG, logged.model_id)
         self._models[number] = logged.model_id

@@ -98,6 +98,33 @@ class TrainSettings:
     """``fp32``, ``bf16`` or ``fp16`` (autocast; ``fp16`` with a gradient scaler): see :func:`autocast`."""
 
 
+def lm_logits(outputs: object) -> torch.Tensor:
+    """The logits ``[B, L, V]`` of a causal LM's output: the tensor itself, or ``.logits`` of a Hugging Face
+    ``ModelOutput`` (the trial calls ``model(input_ids)``, so a plain module returning logits works too)."""
+    logits = getattr(outputs, "logits", outputs)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(f"a causal LM must return logits [batch, length, vocab] (or an object with .logits), "
+                         f"got {list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    return logits
+
+
+def causal_lm_nll(outputs: object, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(summed next-token negative log-likelihood, tokens counted): position ``t`` predicts ``targets[:, t+1]``
+    (targets are the input ids, or labels with ``-100`` where nothing is predicted), as Hugging Face's
+    ``labels=`` loss shifts them; computed in fp32."""
+    logits = lm_logits(outputs)
+    labels = targets[:, 1:].reshape(-1)
+    nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels,
+                                      ignore_index=-100, reduction="sum")
+    return nll, int((labels != -100).sum())
+
+
+def causal_lm_loss(outputs: object, targets: torch.Tensor) -> torch.Tensor:
+    """``model.task: causal_lm``'s loss: the mean next-token cross-entropy over the counted tokens."""
+    nll, tokens = causal_lm_nll(outputs, targets)
+    return nll / max(tokens, 1)
+
+
 def make_optimizer(params: Iterable[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
     if settings.optimizer == "sgd":
         return torch.optim.SGD(

@@ -92,6 +92,11 @@ class TrialSettings:
     """Precision of every evaluation (``finetune.eval_precision``, default ``finetune.precision``)."""
     latency_device: str | None = None
     """``cpu`` or ``cuda`` (``latency.device``); None: the trial's device."""
+    latency_runtime: str = "eager"
+    """``eager``, ``onnxruntime`` or ``compiled`` (``latency.runtime``; :func:`autoprune.measure.runtime_model`):
+    what the pruned and the dense models are timed in."""
+    task: str = "classification"
+    """``model.task``: with ``causal_lm`` the first objective is validation perplexity (lower is better)."""
 
 
 @dataclass(frozen=True)
@@ -135,12 +140,22 @@ class DenseBaseline:
     latency_device: str = "cpu"
     """Where ``latency_ms`` was timed (``cpu`` or ``cuda``); every trial's latency is for this device..."""
     latency_batch: int = 1
-    """...and this batch size."""
+    """...and this batch size..."""
+    latency_runtime: str = "eager"
+    """...in this runtime (``eager``, ``onnxruntime``, ``compiled``)."""
+    metric: str = "accuracy"
+    """What ``accuracy`` holds: ``accuracy`` (higher is better) or ``perplexity`` (``model.task: causal_lm``,
+    lower is better); reports name the objective by it."""
 
     @property
     def reference_accuracy(self) -> float:
         """What accuracy drops are measured against: the better of dense and dense fine-tuned."""
-        return max(self.accuracy, self.finetuned_accuracy if self.finetuned_accuracy is not None else self.accuracy)
+        better = min if self.metric == "perplexity" else max
+        return better(self.accuracy, self.finetuned_accuracy if self.finetuned_accuracy is not None else self.accuracy)
+
+    def drop(self, value: float) -> float:
+        """How much worse ``value`` is than :attr:`reference_accuracy` (for perplexity: how much higher)."""
+        return value - self.reference_accuracy if self.metric == "perplexity" else self.reference_accuracy - value
 
 
 @dataclass(frozen=True)
@@ -308,6 +323,7 @@ def run_trial(
     if plan.quantize and timing_device.type != "cpu":
         raise ConfigError(f"field 'latency.device': int8-quantized models (space.quantize) run on the CPU only; "
                           f"expected cpu for a plan that quantizes, got {timing_device.type}")
+    _check_runtime(settings, timing_device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     dense = on_device(dense, device)
@@ -343,16 +359,25 @@ def run_trial(
     if device.type == "cuda":
         extra["gpu_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     inputs = to_device(_latency_inputs(val_loader, settings.latency_batch), timing_device)
-    latency_ms, raw_ms, ratio = measure.honest_latency_ms(
-        model.to(timing_device), on_device(dense, timing_device), inputs, dense_alone_ms=baseline.latency_ms,
-        threads=settings.latency_threads, rounds=settings.latency_rounds,
-    )
-    if baseline.latency_device != timing_device.type:  # the reference was timed elsewhere: no scaling by it
+    try:
+        latency_ms, raw_ms, ratio = measure.honest_latency_ms(
+            model.to(timing_device), on_device(dense, timing_device), inputs, dense_alone_ms=baseline.latency_ms,
+            threads=settings.latency_threads, rounds=settings.latency_rounds, runtime=settings.latency_runtime,
+        )
+    except Exception as exc:
+        if plan.quantize and settings.latency_runtime != "eager":  # the int8 layers do not export / compile
+            raise ConfigError(f"field 'latency.runtime': cannot time this plan's int8-quantized model "
+                              f"(space.quantize) in {settings.latency_runtime} ({type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); expected "
+                              f"latency.runtime eager, or space.quantize never") from exc
+        raise
+    if (baseline.latency_device, baseline.latency_runtime) != (timing_device.type, settings.latency_runtime):
+        # the reference was timed elsewhere (another device or runtime): no scaling by it
         latency_ms = raw_ms
         extra["latency_unscaled"] = 1.0
     result = TrialResult(
         accuracy=accuracy,
-        accuracy_drop=baseline.reference_accuracy - accuracy,
+        accuracy_drop=baseline.drop(accuracy),
         params=params,
         nonzero_params=nonzero,
         macs=macs,
@@ -370,6 +395,8 @@ def run_trial(
 def _evaluator(settings: TrialSettings) -> Callable[[nn.Module, Batches], float]:
     """``evaluate(model, loader)``: the task's metric in the settings' evaluation precision."""
     def evaluate(model: nn.Module, loader: Batches) -> float:
+        if settings.task == "causal_lm":
+            return measure.evaluate_perplexity(model, loader, settings.eval_precision)
         return measure.evaluate_accuracy(model, loader, settings.metric_fn, settings.eval_precision)
     return evaluate
 
@@ -403,8 +430,9 @@ def measure_dense(
     example = to_device(next(iter(val_loader))[0][:1], device)
     here = on_device(dense, device)
     inputs = to_device(_latency_inputs(val_loader, settings.latency_batch), timing_device)
-    latency_ms = measure.reference_latency_ms(on_device(here, timing_device), inputs,
-                                              threads=settings.latency_threads, min_run_time=min_run_time)
+    _check_runtime(settings, timing_device)
+    latency_ms = measure.reference_latency_ms(on_device(here, timing_device), inputs, threads=settings.latency_threads,
+                                              min_run_time=min_run_time, runtime=settings.latency_runtime)
     test = settings.test_loader
     evaluate = _evaluator(settings)
     return DenseBaseline(
@@ -416,7 +444,16 @@ def measure_dense(
         test_accuracy=None if test is None else evaluate(here, test),
         latency_device=timing_device.type,
         latency_batch=settings.latency_batch,
+        latency_runtime=settings.latency_runtime,
+        metric="perplexity" if settings.task == "causal_lm" else "accuracy",
     )
+
+
+def _check_runtime(settings: TrialSettings, timing_device: torch.device) -> None:
+    """ONNX Runtime is timed on the CPU (``latency.device`` may be unset while trials run on CUDA)."""
+    if settings.latency_runtime == "onnxruntime" and timing_device.type != "cpu":
+        raise ConfigError(f"field 'latency.runtime': onnxruntime is timed on the CPU; expected latency.device cpu "
+                          f"with it, got {timing_device.type} (set latency.device: cpu)")
 
 
 def measure_finetuned_dense(dense: nn.Module, train_loader: Batches, val_loader: Batches, settings: TrialSettings,

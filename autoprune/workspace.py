@@ -127,7 +127,7 @@ class Workspace:
         if self.config.model.factory is not None:  # makes the model's class importable for unpickling
             import_factory(self.config.model.factory, self.config.base_dir, "model.factory")
         directory = self.trial_dir(number)
-        if not (directory / model_files.WEIGHTS_FILE).is_file():
+        if not model_files.has_model_files(directory):
             raise ConfigError(f"option '--trial': no model files for trial {number} in {directory} "
                               f"(only complete trials have models; see 'autoprune front')")
         return model_files.load_model(directory, expected)

@@ -137,3 +137,19 @@ def tiny_setup(tiny: ModuleType) -> Callable[..., TrialSetup]:
         return TrialSetup(dense, train_loader, val_loader, settings, baseline)
 
     return make
+
+
+def run_tiny_search(root: Path, overrides: list[str]):
+    """A finished 2-trial in-process study of the tiny project written into ``root`` (for module fixtures):
+    ``(config_path, overrides, config, summary)``; the caller forgets ``tinymod`` afterwards."""
+    from autoprune.config import load_config
+    from autoprune.search import run_search
+
+    (root / "tinymod.py").write_text(TINY_MODULE)
+    config_path = root / "search.yaml"
+    config_path.write_text(textwrap.dedent(TINY_CONFIG))
+    overrides = ["execution.backend=in_process", "study.n_trials=2", "model.pretrain.epochs=1", *overrides]
+    config = load_config(config_path, overrides)
+    summary = run_search(config)
+    assert summary.completed == 2
+    return config_path, overrides, config, summary

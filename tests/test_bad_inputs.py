@@ -17,7 +17,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TINY_CONFIG, TINY_MODULE
+from conftest import TINY_CONFIG, TINY_MODULE, run_tiny_search
 from typer.testing import CliRunner
 
 from autoprune.cli import app
@@ -328,18 +328,7 @@ def test_ui_keeps_the_store_uri_off_the_command_line(project: Path, monkeypatch:
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory):
     """A finished 2-trial study (in-process, no MLflow models) in a work dir of its own."""
-    from autoprune.search import run_search
-
-    root = tmp_path_factory.mktemp("searched")
-    (root / "tinymod.py").write_text(TINY_MODULE)
-    config_path = root / "search.yaml"
-    config_path.write_text(textwrap.dedent(TINY_CONFIG))
-    overrides = ["execution.backend=in_process", "study.n_trials=2", "model.pretrain.epochs=1",
-                 "tracking.log_models=false"]
-    config = load_config(config_path, overrides)
-    summary = run_search(config)
-    assert summary.completed == 2
-    yield config_path, overrides, config
+    yield run_tiny_search(tmp_path_factory.mktemp("searched"), ["tracking.log_models=false"])[:3]
     sys.modules.pop("tinymod", None)
 
 

@@ -268,9 +268,26 @@ def test_digests_guard_the_skeleton_before_it_is_unpickled(tmp_path: Path) -> No
 
     marker = tmp_path / "pwned"
     torch.save(_Planted(marker), tmp_path / "m" / SKELETON_FILE)
-    with pytest.raises(AutopruneError, match=r"skeleton.pt: sha256 .* expected .*refusing to load it") as info:
+    with pytest.raises(AutopruneError, match=rf"{SKELETON_FILE}: sha256 .* expected .*refusing to load it") as info:
         load_model(tmp_path / "m", expected)
     assert "\n" not in str(info.value)
+    assert not marker.exists()  # refused before reading
+    with pytest.raises(AutopruneError, match=r"cannot read the architecture"):
+        load_model(tmp_path / "m")  # unchecked: the open format never unpickles what it reads
+    assert not marker.exists()
+
+
+def test_digests_guard_a_legacy_skeleton_before_it_is_unpickled(tmp_path: Path) -> None:
+    from autoprune.errors import AutopruneError
+    from autoprune.model_files import LEGACY_SKELETON_FILE, LEGACY_WEIGHTS_FILE, _save_model_legacy, file_digests
+
+    _save_model_legacy(nn.Sequential(nn.Linear(4, 3)), tmp_path / "m")
+    expected = file_digests(tmp_path / "m")
+    assert set(expected) == {LEGACY_WEIGHTS_FILE, LEGACY_SKELETON_FILE}
+    marker = tmp_path / "pwned"
+    torch.save(_Planted(marker), tmp_path / "m" / LEGACY_SKELETON_FILE)
+    with pytest.raises(AutopruneError, match=r"skeleton.pt: sha256 .* expected .*refusing to load it"):
+        load_model(tmp_path / "m", expected)
     assert not marker.exists()  # refused before unpickling
     with pytest.raises(AutopruneError, match=r"expected a pickled torch\.nn\.Module"):
         load_model(tmp_path / "m")  # unchecked: what the digests prevent
@@ -284,9 +301,10 @@ def test_missing_and_truncated_files_are_one_line_errors(tmp_path: Path) -> None
     save_model(nn.Sequential(nn.Linear(64, 64)), tmp_path)
     weights = (tmp_path / WEIGHTS_FILE).read_bytes()
     (tmp_path / WEIGHTS_FILE).write_bytes(weights[: len(weights) // 2])
-    with pytest.raises(AutopruneError, match=r"weights.pt: cannot read the weights \(damaged or truncated\?\)") as info:
+    with pytest.raises(AutopruneError, match=rf"{WEIGHTS_FILE}: cannot read the weights \(damaged or truncated\?\)"
+                       ) as info:
         load_model(tmp_path)
     assert "\n" not in str(info.value)
     (tmp_path / SKELETON_FILE).unlink()
-    with pytest.raises(AutopruneError, match=r"skeleton.pt is missing"):
+    with pytest.raises(AutopruneError, match=rf"{SKELETON_FILE} is missing"):
         load_model(tmp_path)

@@ -1,7 +1,9 @@
-"""Int8 dynamic quantization: smaller files that reload exactly, zeros kept cheap, measured in trials."""
+"""Int8 quantization (torchao): smaller files that reload exactly, zeros kept cheap, measured in trials."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import warnings
 from pathlib import Path
 
@@ -43,8 +45,11 @@ def test_int8_file_is_about_4x_smaller_and_reloads_exactly(tmp_path: Path) -> No
     assert dense_files.weights_bytes > linear_bytes  # float32 weights are all there
     ratio = dense_files.weights_bytes / q_files.weights_bytes
     assert 3.5 < ratio < 4.1, ratio  # int8 weights; float32 biases and the file's overhead remain
-    weights = model_files.load_weights(q_files.weights_path)
-    assert weights["1.weight"].dtype == torch.qint8 and weights["1.weight"].q_zero_point() == 0
+    from autoprune.weights_format import read_weights
+
+    weights = read_weights(q_files.weights_path.read_bytes())
+    assert quantize.is_quantized_weight(weights["1.weight"]) and weights["1.weight"].qdata.dtype == torch.int8
+    assert not weights["1.weight"].zero_point.any()  # symmetric: the integer 0 is 0.0
     assert weights["1.bias"].dtype == torch.float32
 
     reloaded = model_files.load_model(tmp_path / "int8")
@@ -61,13 +66,16 @@ def test_pruned_zeros_stay_zero_and_cost_one_bit(tmp_path: Path) -> None:
     model = mlp()
     zeros = prune_linears(model, 0.8)
     quantized = quantize.quantize_model(model)
-    ints = [m._weight_bias()[0].int_repr() for m in quantize.quantized_linears(quantized).values()]
-    assert sum(int((i[:] == 0).sum()) for i in ints[:2]) >= zeros  # symmetric qint8: 0.0 -> integer 0
+    ints = [m.weight.qdata for m in quantize.quantized_linears(quantized).values()]
+    assert sum(int((i[:] == 0).sum()) for i in ints[:2]) >= zeros  # symmetric int8: 0.0 -> integer 0
     files = model_files.save_model(quantized, tmp_path / "sparse")
     assert files.weights_bytes < 0.45 * dense_q  # 1 bit per zero + 1 byte per kept weight
-    blob = torch.load(files.weights_path, weights_only=True)
-    entry = blob["tensors"]["1.weight"]
-    assert entry["quantized"] == "torch.qint8" and isinstance(entry["int_repr"], dict)  # sparse int8 entry
+    from safetensors import safe_open
+
+    with safe_open(files.weights_path, "pt") as f:
+        entry = json.loads(f.metadata()["entries"])["1.weight"]
+        assert f.get_tensor("1.weight:qdata:mask").dtype == torch.uint8
+    assert entry["quantized"]["class"] == "torchao.Int8Tensor" and "sparse" in entry["parts"]["qdata"]
     x = torch.randn(8, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(model_files.load_model(tmp_path / "sparse")(x), quantized(x))
@@ -87,18 +95,30 @@ def test_stock_transformer_quantizes_and_reloads(tmp_path: Path) -> None:
         assert (quantized(x) - model(x)).abs().max() < 0.1
 
 
-def test_known_torch_deprecation_warnings_are_silenced() -> None:
+def test_no_deprecation_warnings_and_no_torch_ao_quantization() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        quantize.quantize_model(mlp())
+        quantized = quantize.quantize_model(mlp())
     assert not [w for w in caught if "quantiz" in str(w.message)], [str(w.message)[:80] for w in caught]
+    assert all(type(m).__module__.startswith("torch.nn") for m in quantized.modules())  # still nn.Linear layers
+    source = Path(quantize.__file__).read_text() + Path(model_files.__file__).read_text()
+    assert "torch.ao.quantization" not in source.replace("``torch.ao.quantization``", "")
 
 
-def test_unsupported_quantized_modules_and_old_files(tmp_path: Path) -> None:
+def test_legacy_int8_trial_still_loads(tmp_path: Path) -> None:
+    """A trial quantized with torch.ao by an older autoprune (weights.pt + skeleton.pt) still loads; such
+    layers cannot be saved in the open format."""
+    torch_ao = importlib.import_module("torch.ao.quantization")  # what older autoprune did
     with quantize.quiet():
-        half = torch.ao.quantization.quantize_dynamic(mlp(), {nn.Linear}, dtype=torch.float16)
-    with pytest.raises(TypeError, match="only qint8"):
-        model_files.save_model(half, tmp_path / "half")
+        old = torch_ao.quantize_dynamic(mlp(), {nn.Linear}, dtype=torch.qint8)
+    model_files._save_model_legacy(old, tmp_path / "old")
+    reloaded = model_files.load_model(tmp_path / "old")
+    assert len(quantize.quantized_linears(reloaded)) == 3
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), old(x))
+    with pytest.raises(TypeError, match=r"torch\.ao quantization"):
+        model_files.save_model(old, tmp_path / "new")
     torch.save({"format": model_files.FORMAT, "version": 1, "tensors": {"w": torch.ones(2)}}, tmp_path / "v1.pt")
     assert torch.equal(model_files.load_weights(tmp_path / "v1.pt")["w"], torch.ones(2))
     with pytest.raises(Exception, match=r"no nn\.Linear"):

@@ -134,11 +134,18 @@ def front(config: ConfigArg, set_: SetOpt = None,
 @app.command()
 def export(config: ConfigArg,
            trial: Annotated[int, typer.Option("--trial", "-t", help="Trial number (see 'autoprune front').")],
-           out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .pt2 file.")],
-           set_: SetOpt = None) -> None:
-    """Write a trial's pruned model as a torch.export file that loads without autoprune or the model class."""
+           out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .pt2 or .onnx file.")],
+           set_: SetOpt = None,
+           fmt: Annotated[str | None, typer.Option(
+               "--format", "-f", help="torch (a torch.export .pt2 file) or onnx (dynamic batch, checked in ONNX "
+                                      "Runtime); default: onnx for an --out ending in .onnx, else torch.")] = None,
+           ) -> None:
+    """Write a trial's pruned model as a torch.export or ONNX file that loads without autoprune or the model class."""
     with _user_errors():
-        report = _search_api(config, set_).export(trial, out_path)
-        out.print(f"wrote {report.path} ({report.bytes:,} bytes); outputs match the trial's model "
-                  f"(max abs diff {report.max_abs_diff:.2e} on {report.samples} samples). "
-                  f"Load with: torch.export.load({str(report.path)!r}).module()")
+        report = _search_api(config, set_).export(trial, out_path, fmt)
+        batch = "" if report.dynamic_batch else f"; fixed batch size {report.samples}: the model specialises it"
+        load = (f"onnxruntime.InferenceSession({str(report.path)!r})" if report.format == "onnx"
+                else f"torch.export.load({str(report.path)!r}).module()")
+        checked = "ONNX Runtime's outputs match" if report.format == "onnx" else "outputs match"
+        out.print(f"wrote {report.path} ({report.bytes:,} bytes{batch}); {checked} the trial's model "
+                  f"(max abs diff {report.max_abs_diff:.2e} on {report.samples} samples). Load with: {load}")

@@ -14,7 +14,11 @@ pruned model fails in backward), so heads are sliced here by hand:
   (child ``Linear`` layers ``q_proj/k_proj/v_proj`` or ``query/key/value``, an
   output projection ``o_proj/out_proj/dense`` or BERT's sibling ``output.dense``,
   and a ``num_heads``-like attribute) are sliced in place and their head-count
-  attributes updated. Heads are ranked by the method's importance (default:
+  attributes updated. Llama-family attention with grouped-query attention
+  (Llama, Mistral, Qwen2 in transformers 5) is pruned by whole key/value
+  groups: a part is one key/value head with the query heads that share it (see
+  :func:`_grouped_query`); ``num_key_value_heads`` / ``num_heads`` are set on
+  the module (the shared config keeps the dense counts). Heads are ranked by the method's importance (default:
   the L2 norm of their q/k/v rows and output columns, weights and biases); the
   weakest go.
 * ``mlp_neurons`` (unit: the first feed-forward layer's name, e.g.
@@ -192,6 +196,9 @@ class HeadBlock:
     o: nn.Linear
     num_heads: int
     head_dim: int
+    group: int = 1
+    """Query heads per part: with grouped-query attention a part is one key/value head and the
+    ``group`` query heads that share it (q rows and o columns in blocks of ``group * head_dim``)."""
 
 
 def _child_linear(module: nn.Module, path: str) -> nn.Linear | None:
@@ -240,6 +247,12 @@ def scan_attention(model: nn.Module) -> tuple[dict[str, HeadBlock], dict[str, st
         parent_name = name.rpartition(".")[0] if "." in name else ""
         if out is None and name and parent_name in modules:
             out = _child_linear(modules[parent_name], "output.dense")
+        if out is not None and (gqa := _grouped_query(name, module, q, k, v, out)) is not None:
+            if isinstance(gqa, str):
+                unsupported[name] = gqa
+            else:
+                blocks[name] = gqa
+            continue
         heads = next(
             (getattr(module, a) for a in _HEAD_ATTRS if isinstance(getattr(module, a, None), int)), None
         )
@@ -259,6 +272,26 @@ def scan_attention(model: nn.Module) -> tuple[dict[str, HeadBlock], dict[str, st
         else:
             blocks[name] = HeadBlock(name, module, q, k, v, out, heads, head_dim)
     return blocks, unsupported
+
+
+def _grouped_query(
+    name: str, module: nn.Module, q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear
+) -> HeadBlock | str | None:
+    """A Llama-family attention (transformers 5: ``head_dim`` and ``num_key_value_groups`` on the module,
+    head counts only in the shared config, so they are read from the projection sizes) as a block whose
+    parts are key/value heads, each with its ``num_key_value_groups`` query heads; a reason string when
+    the sizes do not fit; None for any other module.
+
+    Removing whole groups keeps ``num_key_value_groups`` (queries per key/value head) unchanged, which
+    is what ``repeat_kv`` and the SDPA kernels read; rotary embeddings act per head and are untouched."""
+    group, d = getattr(module, "num_key_value_groups", None), getattr(module, "head_dim", None)
+    if not isinstance(group, int) or not isinstance(d, int) or group < 1 or d < 1:
+        return None
+    kv, rest = divmod(k.out_features, d)
+    if rest or v.out_features != k.out_features or q.out_features != kv * group * d or o.in_features != q.out_features:
+        return (f"projection sizes (q {q.out_features}, k {k.out_features}, v {v.out_features}, o {o.in_features}) "
+                f"do not fit {group} query heads of {d} per key/value head")
+    return HeadBlock(name, module, q, k, v, o, kv, d, group)
 
 
 def attention_members(model: nn.Module) -> dict[nn.Module, str]:
@@ -391,14 +424,19 @@ def _sliceable(model: nn.Module, block: HeadBlock) -> HeadBlock:
 
 def _remove_heads(block: HeadBlock, drop: list[int]) -> None:
     """Slice heads ``drop`` out of ``block`` and update its head-count attributes."""
-    h, d = block.num_heads, block.head_dim
+    h, d, g = block.num_heads, block.head_dim, block.group
     kept_heads = [i for i in range(h) if i not in drop]
     keep = torch.tensor([i * d + j for i in kept_heads for j in range(d)], device=block.o.weight.device)
-    for lin in (block.q, block.k, block.v):
-        _keep_rows(lin, keep)
-    _keep_columns(block.o, keep)
+    wide = torch.tensor([i * g * d + j for i in kept_heads for j in range(g * d)], device=block.o.weight.device)
+    for lin, rows in ((block.q, wide), (block.k, keep), (block.v, keep)):
+        _keep_rows(lin, rows)
+    _keep_columns(block.o, wide)
     new_heads = len(kept_heads)
     module = block.module
+    if g > 1 or isinstance(getattr(module, "num_key_value_groups", None), int):
+        # per-module counts (the config is shared by every layer and keeps the dense model's numbers)
+        module.num_key_value_heads, module.num_heads = new_heads, new_heads * g
+        return
     for attr in _HEAD_ATTRS:
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, new_heads)
@@ -422,6 +460,8 @@ class MLPUnit:
     up: nn.Linear
     down: nn.Linear
     gate: nn.Linear | None
+    owner: nn.Module | None = None
+    """The module holding the pair; its ``intermediate_size`` (Llama's MLP) follows the surgery."""
 
 
 def scan_mlps(model: nn.Module) -> dict[str, MLPUnit]:
@@ -436,7 +476,7 @@ def scan_mlps(model: nn.Module) -> dict[str, MLPUnit]:
             gate = _child_linear(module, gate_name) if gate_name else None
             if gate is not None and gate.out_features != up.out_features:
                 continue
-            units[prefix + up_name] = MLPUnit(prefix + up_name, up, down, gate)
+            units[prefix + up_name] = MLPUnit(prefix + up_name, up, down, gate, module)
             break
     return units
 
@@ -521,3 +561,5 @@ def _remove_neurons(unit: MLPUnit, drop: list[int]) -> None:
         if lin is not None:
             _keep_rows(lin, keep)
     _keep_columns(unit.down, keep)
+    if isinstance(getattr(unit.owner, "intermediate_size", None), int):
+        unit.owner.intermediate_size = len(kept)

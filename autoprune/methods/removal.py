@@ -18,7 +18,13 @@ when
 ``prune`` replaces each target with ratio >= 0.5 by :class:`RemovedBlock` (an
 ``nn.Identity`` that also accepts and ignores extra arguments, as
 ``nn.TransformerEncoder`` passes masks to its layers); ratios below 0.5 leave the
-block in place. It reports ``[0]`` (the block, its only part) for a removed block
+block in place. A Hugging Face decoder layer (a ``layers`` ``nn.ModuleList`` under a model
+whose ``config.num_hidden_layers`` counts them, each layer's ``self_attn.layer_idx`` indexing
+the KV cache) is taken out of the decoder's loop: the list becomes a :class:`DecoderLayerList`
+that iterates, slices and counts only live layers, ``config.num_hidden_layers`` (and
+``config.layer_types``) shrink and the live layers' ``layer_idx`` are renumbered, so that
+``generate()`` with a cache still works; the stand-in keeps the slot, and so the names.
+It reports ``[0]`` (the block, its only part) for a removed block
 and ``[]`` for a kept one; ``replay`` removes the blocks reported so. Module
 names of everything else stay the same; units of the other families that lay
 inside a removed block are skipped by those methods.
@@ -38,7 +44,7 @@ from ._common import RemovedBlock, preserved_modes, set_submodule, unknown_unit
 from .base import PruneContext, PruningMethod, Removed
 from .registry import register
 
-__all__ = ["RemoveBlock", "RemovedBlock", "find_blocks"]
+__all__ = ["DecoderLayerList", "RemoveBlock", "RemovedBlock", "find_blocks"]
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -167,6 +173,49 @@ def _remove(model: nn.Module, name: str) -> None:
     replacement = RemovedBlock()
     _keep_encoder_working(model, name, old, replacement)
     set_submodule(model, name, replacement)
+    _keep_decoder_working(model, name, old)
+
+
+class DecoderLayerList(nn.ModuleList):
+    """A decoder's ``layers`` with some slots holding :class:`RemovedBlock`: iterating, indexing, slicing
+    and ``len`` see only the live layers (Hugging Face decoders loop over ``layers[:num_hidden_layers]``
+    and index the cache by position), while ``named_modules`` and ``state_dict`` keep every other
+    layer's original name, which the plan's units of the other methods refer to."""
+
+    def _live(self) -> list[nn.Module]:
+        return [m for m in self._modules.values() if not isinstance(m, RemovedBlock)]
+
+    def __iter__(self):  # type: ignore[override]
+        return iter(self._live())
+
+    def __len__(self) -> int:
+        return len(self._live())
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return nn.ModuleList(self._live()[index]) if isinstance(index, slice) else self._live()[index]
+
+
+def _keep_decoder_working(model: nn.Module, name: str, old: nn.Module) -> None:
+    """For a Hugging Face decoder layer: drop it from the decoder's loop, its ``config.layer_types``
+    entry and ``config.num_hidden_layers``, and renumber the live layers' cache index (``layer_idx``)."""
+    parent_name, owner_name = name.rpartition(".")[0], name.rpartition(".")[0].rpartition(".")[0]
+    position = getattr(getattr(old, "self_attn", None), "layer_idx", None)
+    if not parent_name or not isinstance(position, int):
+        return
+    layers = model.get_submodule(parent_name)
+    config = getattr(model.get_submodule(owner_name) if owner_name else model, "config", None)
+    if not isinstance(layers, nn.ModuleList) or not isinstance(getattr(config, "num_hidden_layers", None), int):
+        return
+    layers.__class__ = DecoderLayerList  # same object and state; only the view of removed slots changes
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list) and len(types) == config.num_hidden_layers and position < len(types):
+        config.layer_types = types[:position] + types[position + 1 :]
+    live = list(layers)
+    config.num_hidden_layers = len(live)
+    for index, layer in enumerate(live):
+        for module in (layer, getattr(layer, "self_attn", None)):
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = index
 
 
 def _keep_encoder_working(model: nn.Module, name: str, old: nn.Module, replacement: RemovedBlock) -> None:
