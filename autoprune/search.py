@@ -114,6 +114,9 @@ def _enqueue_sensitivity(study: optuna.Study, space: SearchSpace, config: Search
     from .sensitivity import SENSITIVITY_ATTR, seed_trials
 
     if space.parametrization != "per_unit":  # its seeds are per-unit sparsities
+        if (config.work_path / "sensitivity.json").is_file():
+            log.info("sensitivity.json's seed trials are per-unit sparsities: not used with space.parametrization "
+                     "%r (its bounds still cap each unit with space.sensitivity_bounds)", space.parametrization)
         return
     seeds = seed_trials(config, space)
     for label, params in seeds:
