@@ -60,7 +60,9 @@ def _print_front(rows: list[dict], dense: dict | None = None) -> None:
     """The front as a table, with the dense model as its last row for comparison."""
     table = Table(title="Pareto front")
     test = any(row.get("test_accuracy") is not None for row in rows)  # a test split was given
-    for column in ("trial", "accuracy", "acc. drop", *(("test acc.",) if test else ()), "size (bytes)",
+    metric = (dense or {}).get("metric") or "accuracy"  # perplexity for model.task: causal_lm (lower is better)
+    names = ("accuracy", "acc. drop", "test acc.") if metric == "accuracy" else (metric, "increase", f"test {metric}")
+    for column in ("trial", *names[:2], *((names[2],) if test else ()), "size (bytes)",
                    "latency (ms)", "params", "MACs"):
         table.add_column(column, justify="right")
     for row in rows:
