@@ -56,6 +56,7 @@ import io
 import json
 import logging
 import math
+import pickle
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -363,6 +364,20 @@ def _stripped_skeleton(model: nn.Module) -> nn.Module:
     return skeleton
 
 
+def _pickled(obj: object) -> bytes:
+    """``torch.save`` bytes of ``obj``; a class defined in a notebook or script (``__main__``) cannot be pickled
+    by reference where it is not importable (a Ray worker): then cloudpickle stores it by value."""
+    buffer = io.BytesIO()
+    try:
+        torch.save(obj, buffer)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        import cloudpickle
+
+        buffer = io.BytesIO()
+        torch.save(obj, buffer, pickle_module=cloudpickle)
+    return buffer.getvalue()
+
+
 def model_tensors(model: nn.Module) -> dict[str, Tensor]:
     """``model.state_dict()`` plus its non-persistent buffers (which a rebuilt model needs too)."""
     tensors = dict(model.state_dict())
@@ -386,10 +401,8 @@ def architecture_bytes(model: nn.Module) -> bytes:
         log.warning("model files: %s cannot be described as data and no model factory is known (a model given as "
                     "an object?): its architecture is also stored as a pickled skeleton, which loading unpickles",
                     where)
-        buffer = io.BytesIO()
-        torch.save(_stripped_skeleton(model), buffer)
         fallback = {"reason": f"not describable as data: {where}",
-                    "pickled_skeleton": base64.b64encode(buffer.getvalue()).decode("ascii")}
+                    "pickled_skeleton": base64.b64encode(_pickled(_stripped_skeleton(model))).decode("ascii")}
     arch = {"format": ARCH_FORMAT, "version": VERSION, "factory": factory, "modules": records, "fallback": fallback}
     return json.dumps(arch, indent=None, separators=(",", ":"), allow_nan=False).encode()
 
