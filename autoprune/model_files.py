@@ -339,9 +339,13 @@ def load_weights(path: str | os.PathLike[str], data: bytes | None = None) -> dic
     """Read a file written by :func:`save_weights` (with ``weights_only=True``) into a state dict
     (from ``data``, the file's bytes already read, when given; ``path`` then only names it).
 
-    Aliased entries (tied weights) come back as the same tensor object.
+    Aliased entries (tied weights) come back as the same tensor object. A file in the open format
+    (``model.safetensors``, :mod:`autoprune.weights_format`) is read as such.
     """
-    blob = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
+    raw = Path(path).read_bytes() if data is None else data
+    if weights_format.is_weights_file(raw):
+        return weights_format.read_weights(raw)
+    blob = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path}: not an autoprune weights file")
     if blob.get("version") not in READABLE_VERSIONS:
