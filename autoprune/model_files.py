@@ -161,24 +161,6 @@ the factory an architecture file names)."""
 # record in the zip archive, alignment, the small dict); measured about 380 with torch 2.13.
 SPARSE_OVERHEAD_BYTES = 512
 
-_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # MSB first
-
-
-# --------------------------------------------------------------------------- bit packing
-
-
-def _pack_bits(bits: Tensor) -> Tensor:
-    """Pack a 1-D bool tensor into uint8, 8 per byte, first element in the most significant bit."""
-    n = bits.numel()
-    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8)
-    padded[:n] = bits.to(torch.uint8)
-    return (padded.view(-1, 8) << _SHIFTS).sum(dim=1, dtype=torch.uint8)
-
-
-def _unpack_bits(packed: Tensor, n: int) -> Tensor:
-    """Inverse of :func:`_pack_bits`: the first ``n`` bits as a 1-D bool tensor."""
-    return ((packed.unsqueeze(1) >> _SHIFTS) & 1).view(-1)[:n].bool()
-
 
 # --------------------------------------------------------------------------- weights
 
@@ -256,7 +238,7 @@ def _encode(t: Tensor) -> Tensor | dict[str, object]:
     return {
         "shape": list(dense.shape),
         "dtype": str(dense.dtype),
-        "mask": _pack_bits(nonzero),
+        "mask": weights_format.pack_bits(nonzero),
         "values": dense.reshape(-1)[nonzero].clone(),
     }
 
@@ -278,7 +260,7 @@ def _decode(name: str, entry: dict[str, object]) -> Tensor:
         n *= s
     if mask.numel() != (n + 7) // 8:
         raise ValueError(f"weights entry {name!r}: mask has {mask.numel()} bytes for {n} elements")
-    bits = _unpack_bits(mask.reshape(-1), n)
+    bits = weights_format.unpack_bits(mask, n)
     if int(bits.sum().item()) != values.numel():
         raise ValueError(f"weights entry {name!r}: {values.numel()} values for {int(bits.sum())} bits")
     flat = torch.zeros(n, dtype=values.dtype)

@@ -208,6 +208,7 @@ class SearchSpace:
 
     def distributions(self) -> dict[str, BaseDistribution]:
         dists: dict[str, BaseDistribution] = {}
+        shifted_units = self._shifted_units()
         if self.parametrization == "global":
             dists[GLOBAL_RULE_PARAM] = CategoricalDistribution(tuple(a.rule for a in self._allocations()))
             dists[GLOBAL_SPARSITY_PARAM] = FloatDistribution(self.low, self.high, step=self.step)
@@ -215,7 +216,7 @@ class SearchSpace:
             if unit.removal:
                 dists[f"{unit.name}/remove"] = CategoricalDistribution((False, True))
             elif self.parametrization == "global":
-                if self.spread > 0 and unit.name in self._allocated_units():
+                if unit.name in shifted_units:
                     dists[f"{unit.name}/shift"] = FloatDistribution(-self.spread, self.spread)
             else:
                 if len(unit.methods) > 1:
@@ -278,17 +279,21 @@ class SearchSpace:
                              "(SearchSpace.with_allocations); none are set")
         return self.allocations
 
-    def _allocated_units(self) -> set[str]:
+    def _shifted_units(self) -> set[str]:
+        """The units with a ``<unit>/shift`` parameter: those some rule allocates, when ``spread > 0``."""
+        if self.parametrization != "global" or self.spread == 0:
+            return set()
         return {name for allocation in self.allocations for name, _ in allocation.units}
 
     def rule_params(self, rule: str, sparsity: float) -> dict[str, object]:
         """``global`` parametrization: the parameters of ``rule`` at whole-model ``sparsity`` (every shift
         0, blocks kept, trial-wide choices at their first value): the rule's own allocation."""
         params: dict[str, object] = {GLOBAL_RULE_PARAM: rule, GLOBAL_SPARSITY_PARAM: sparsity}
+        shifted_units = self._shifted_units()
         for unit in self.units:
             if unit.removal:
                 params[f"{unit.name}/remove"] = False
-            elif self.spread > 0 and unit.name in self._allocated_units():
+            elif unit.name in shifted_units:
                 params[f"{unit.name}/shift"] = 0.0
         return {**params, **self._trial_wide_defaults()}
 

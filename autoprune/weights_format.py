@@ -99,6 +99,7 @@ def pack_bits(bits: Tensor) -> Tensor:
 
 
 def unpack_bits(packed: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`pack_bits`: the first ``n`` bits as a 1-D bool tensor."""
     return ((packed.reshape(-1).unsqueeze(1) >> _SHIFTS) & 1).view(-1)[:n].bool()
 
 
