@@ -185,7 +185,8 @@ class Search:
 
     def sensitivity(self, ratios: Sequence[float] = (0.25, 0.5, 0.75, 0.9), *, max_drop: float = 0.05,
                     methods: Sequence[str] | None = None, progress: Any = None) -> SensitivityResult:
-        """Accuracy against sparsity per unit and method, one unit pruned at a time, without fine-tuning;
+        """Accuracy (perplexity for ``model.task: causal_lm``; then ``max_drop`` is a relative increase) against
+        sparsity per unit and method, one unit pruned at a time, without fine-tuning;
         writes ``<work_dir>/sensitivity.json`` (a new study is seeded from it) and logs a plot to MLflow.
         ``progress`` is called with a :class:`~autoprune.sensitivity.SensitivityProgress` per point."""
         from .sensitivity import run_sensitivity

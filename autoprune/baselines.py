@@ -4,7 +4,10 @@ A rule turns one whole-model sparsity into a sparsity per unit; the search then 
 allocation as an ordinary trial (same per-unit parameters, same pruning methods, same fine-tuning),
 so the rules sit in every study next to the searched trials and are measured the same way:
 
-- ``uniform``: every unit at the same sparsity (:meth:`~autoprune.space.SearchSpace.uniform_params`).
+- ``uniform``: every unit at the same sparsity (:meth:`~autoprune.space.SearchSpace.uniform_params`), once
+  with each method of ``study.baseline_methods`` (default: the first configured method), labelled
+  ``uniform <method> <s>``. An N:M method has one sparsity (its ``fixed_sparsity``, 0.5): it gets one
+  trial there, not one per level. An unstructured method uses the unstructured levels (see :func:`seed_trials`).
 - ``global_magnitude``: one magnitude threshold across the weights of every unit an unstructured
   method can prune (global unstructured magnitude pruning, Blalock et al. 2020). ``round(s * N)`` of
   the ``N`` weights of those units are zeroed, the smallest ``|w|`` first, so the reached sparsity of
@@ -14,12 +17,25 @@ so the rules sit in every study next to the searched trials and are measured the
   the group's mean, so groups of different scale compare), then ``round(s * C)`` of the ``C``
   channels of all units removed, the lowest-ranked first. ``s`` is a fraction of output channels
   (as for a unit's own sparsity), not of parameters.
+- ``owl``: outlier-weighted layer-wise sparsity, the non-uniform baseline of decoder LLMs (:mod:`autoprune.owl`,
+  Yin et al. 2024). Each decoder block's sparsity comes from its share of activation outliers on the
+  calibration batches (:func:`~autoprune.owl.owl_allocation` with its defaults M=5, lambda=0.08: fewer
+  outliers, more sparsity; the unweighted mean over blocks is ``s``), spread to the block's layers
+  (:func:`~autoprune.owl.layer_targets`) and kept for the units the rule's method prunes (other units stay
+  at the space's ``low``). Pruned with the first configured of ``wanda``, ``sparsegpt``, ``l1_unstructured``,
+  ``l2_unstructured``, at the unstructured levels. OWL needs ``context.calibration_batches``: without
+  them, without such a method, or where it cannot keep every block in ``[0, 1)`` at a level, it is
+  skipped with a warning.
 
 Both global rules respect ``max_layer_sparsity`` (a unit is never emptied; the pruning methods refuse
 more): a unit that would exceed it is held at the cap and the rest of the count goes to the others,
-so the whole-model target is still met. The allocations are exact fractions of whole weights or
-channels; values outside a unit's search range are kept as computed (Optuna warns when they are
-enqueued). Torch only (and Torch-Pruning for the structured rule); no Optuna.
+so the whole-model target is still met (OWL holds a unit at the cap too, and then its mean falls short,
+said in the log). The allocations are exact fractions of whole weights or channels; values outside a
+unit's search range are kept as computed (Optuna warns when they are enqueued). Torch only (and
+Torch-Pruning for the structured rule); no Optuna.
+
+The compact ``global`` parametrization (:func:`allocation_curves`) holds the uniform and the two global
+rules only: OWL is left out of it (see there), and its seed trials skip ``owl`` with a warning.
 """
 
 from __future__ import annotations
@@ -43,23 +59,36 @@ log = logging.getLogger("autoprune")
 
 UNSTRUCTURED_PREFERENCE = ("l1_unstructured", "l2_unstructured")
 STRUCTURED_PREFERENCE = ("l1_structured", "l2_structured")
+OWL_PREFERENCE = ("wanda", "sparsegpt", "l1_unstructured", "l2_unstructured")
+"""The methods an OWL allocation is pruned with, the first configured one: Wanda (whose metric OWL's outlier
+ratios are computed from, as in the paper), then SparseGPT, then magnitude."""
+CURVE_RULES = ("uniform", "global_magnitude", "global_structured")
+"""The rules of the compact ``global`` parametrization (:func:`allocation_curves`); not ``owl``."""
+
+
+def _fixed_sparsity(method: str) -> float | None:
+    """An N:M method's one sparsity (``1 - N/M``), None for a method that reaches any ratio."""
+    from .methods import get_method
+
+    return getattr(get_method(method), "fixed_sparsity", None)
 
 
 def rule_method(rule: str, methods: Sequence[str]) -> str | None:
-    """The configured method a global rule's allocation is pruned with (magnitude methods first), or None
-    when no configured method fits the rule (then the rule is skipped)."""
+    """The configured method a global rule's (or OWL's) allocation is pruned with (magnitude methods first;
+    for OWL :data:`OWL_PREFERENCE`), or None when no configured method fits the rule (then it is skipped)."""
     from .methods import get_method
     from .methods.structured import StructuredMethod
 
     if rule == "global_magnitude":  # (an N:M method's one fixed sparsity cannot follow an allocation)
-        fits = [m for m in methods if get_method(m).family == "unstructured"
-                and getattr(get_method(m), "fixed_sparsity", None) is None]
+        fits = [m for m in methods if get_method(m).family == "unstructured" and _fixed_sparsity(m) is None]
         preferred = UNSTRUCTURED_PREFERENCE
     elif rule == "global_structured":  # channel groups only (not heads or MLP neurons)
         fits = [m for m in methods if isinstance(get_method(m), StructuredMethod)]
         preferred = STRUCTURED_PREFERENCE
+    elif rule == "owl":  # only the named methods: no fallback to another unstructured one
+        return next((m for m in OWL_PREFERENCE if m in methods and _fixed_sparsity(m) is None), None)
     else:
-        raise ValueError(f"unknown global rule {rule!r}; known: global_magnitude, global_structured")
+        raise ValueError(f"unknown allocation rule {rule!r}; known: global_magnitude, global_structured, owl")
     return next((m for m in preferred if m in fits), fits[0] if fits else None)
 
 
@@ -151,9 +180,14 @@ def allocation_curves(space: SearchSpace, model: nn.Module, context: PruneContex
     """Each rule's per-unit sparsities at every whole-model sparsity of ``grid``, for the compact search
     space (``space.parametrization: global``): ``[{"rule", "method", "grid", "units": {unit: [values]}}]``,
     plain data so that a study stores them once and a resume decodes its trials with the same numbers.
-    A rule whose method is not configured, or that the model defeats (said in the log), is left out."""
+    A rule whose method is not configured, or that the model defeats (said in the log), is left out.
+
+    OWL is never one of these rules (:data:`CURVE_RULES`): its allocation is not a curve over whole-model
+    sparsities that the space can interpolate: each point needs a pass of calibration batches through the
+    dense model (this grid has dozens), and at high sparsities lambda pushes blocks past ``[0, 1)``, where
+    OWL has no allocation at all. It stays a ``per_unit`` baseline (:func:`seed_trials`)."""
     curves: list[dict[str, object]] = []
-    for rule in RULES:
+    for rule in CURVE_RULES:
         method = methods[0] if rule == "uniform" else rule_method(rule, methods)
         units = [u.name for u in space.units if not u.removal and method in u.methods] if method else []
         if not units:
@@ -173,33 +207,46 @@ def allocation_curves(space: SearchSpace, model: nn.Module, context: PruneContex
     return curves
 
 
+Trials = list[tuple[str, dict[str, object]]]
+
+
 def seed_trials(space: SearchSpace, model: nn.Module, context: PruneContext, rules: Sequence[str],
                 sparsities: Sequence[float], methods: Sequence[str],
-                unstructured_sparsities: Sequence[float] | None = None) -> list[tuple[str, dict[str, object]]]:
+                unstructured_sparsities: Sequence[float] | None = None,
+                baseline_methods: Sequence[str] | None = None) -> Trials:
     """The baseline trials of a new study, ``(label, params)`` in order: for each rule of ``rules`` that
-    applies (a global rule needs a configured method of its kind), each sparsity of ``sparsities`` (of
-    ``unstructured_sparsities`` instead, when given, for a rule that zeroes single weights: global
-    magnitude, and uniform with an unstructured first method).
-    Labels: ``uniform <method> 0.5``, ``global magnitude 0.5``, ``global structured 0.5``."""
+    applies (a global rule or OWL needs a configured method of its kind), each sparsity of ``sparsities``
+    (of ``unstructured_sparsities`` instead, when given, for a rule that zeroes single weights: global
+    magnitude, OWL, and uniform with an unstructured method). ``uniform`` runs once per method of
+    ``baseline_methods`` (default: ``methods[0]``); an N:M method once, at its fixed sparsity. In the
+    ``global`` parametrization each is a point of the compact space: no ``owl``, and ``uniform`` only with
+    ``methods[0]`` (its one uniform curve), when ``baseline_methods`` holds it; what is left out is logged.
+    Labels: ``uniform <method> 0.5``, ``global magnitude 0.5``, ``global structured 0.5``, ``owl 0.5``."""
     from .methods import get_method
 
     unknown = [rule for rule in rules if rule not in RULES]
     if unknown:
         raise ValueError(f"unknown baseline rule {unknown[0]!r}; known rules: {', '.join(RULES)}")
+    uniform_methods = list(baseline_methods) if baseline_methods is not None else [methods[0]]
 
-    def levels(rule: str) -> Sequence[float]:
-        unstructured = rule == "global_magnitude" or (
-            rule == "uniform" and get_method(methods[0]).family == "unstructured")
+    def levels(rule: str, method: str | None = None) -> Sequence[float]:
+        unstructured = rule in ("global_magnitude", "owl") or (
+            rule == "uniform" and get_method(method or methods[0]).family == "unstructured")
         return unstructured_sparsities if unstructured and unstructured_sparsities is not None else sparsities
 
     if space.parametrization == "global":  # a rule's point is one (rule, sparsity) of the compact space
-        known = {a.rule for a in space.allocations}
-        return [(_label(rule, s, methods), space.rule_params(rule, s)) for rule in rules if rule in known
+        _warn_not_in_compact_space(rules, uniform_methods, methods[0])
+        known = {a.rule for a in space.allocations} - ({"uniform"} if methods[0] not in uniform_methods else set())
+        return [(_label(rule, s, methods[0]), space.rule_params(rule, s)) for rule in rules if rule in known
                 for s in levels(rule)]
-    trials: list[tuple[str, dict[str, object]]] = []
+    trials: Trials = []
     for rule in rules:
         if rule == "uniform":
-            trials += [(_label(rule, s, methods), space.uniform_params(s, methods[0])) for s in levels(rule)]
+            for method in uniform_methods:
+                trials += _uniform_trials(space, method, levels(rule, method))
+            continue
+        if rule == "owl":
+            trials += _owl_trials(space, model, context, methods, levels(rule))
             continue
         method = rule_method(rule, methods)
         units = [u.name for u in space.units if not u.removal and method in u.methods] if method else []
@@ -214,9 +261,67 @@ def seed_trials(space: SearchSpace, model: nn.Module, context: PruneContext, rul
         for s, counts in zip(levels(rule), _allocate_many(scores, levels(rule), context.max_layer_sparsity),
                              strict=True):
             allocation = {name: counts[name] / scores[name].numel() for name in units}
-            trials.append((_label(rule, s, methods), space.allocation_params(allocation, method)))
+            trials.append((_label(rule, s, method), space.allocation_params(allocation, method)))
     return trials
 
 
-def _label(rule: str, sparsity: float, methods: Sequence[str]) -> str:
-    return f"uniform {methods[0]} {sparsity:g}" if rule == "uniform" else f"{rule.replace('_', ' ')} {sparsity:g}"
+def _uniform_trials(space: SearchSpace, method: str, levels: Sequence[float]) -> Trials:
+    """The ``uniform`` rule with ``method`` at each of ``levels``; an N:M method has one sparsity, so it gets
+    one trial there (one per level would be the same plan under several labels), none when ``levels`` is empty."""
+    fixed = _fixed_sparsity(method)
+    at = levels if fixed is None else ([fixed] if levels else [])
+    return [(_label("uniform", s, method), space.uniform_params(s, method)) for s in at]
+
+
+def _owl_trials(space: SearchSpace, model: nn.Module, context: PruneContext, methods: Sequence[str],
+                levels: Sequence[float]) -> Trials:
+    """The ``owl`` rule at each of ``levels``: OWL's block allocation on the dense model and the calibration
+    batches, spread to the layers and kept for the units the rule's method prunes. Where OWL cannot apply
+    (no method of :data:`OWL_PREFERENCE`, no calibration batches, a level lambda cannot place in ``[0, 1)``)
+    it is said in the log and skipped, like a global rule the model defeats: the search goes on."""
+    from .owl import layer_targets, owl_allocation
+
+    method = rule_method("owl", methods)
+    if method is None:
+        log.warning("baseline rule owl skipped: it prunes with one of %s and none is configured (space.methods: %s)",
+                    ", ".join(OWL_PREFERENCE), ", ".join(methods))
+        return []
+    if not context.calibration_batches:
+        log.warning("baseline rule owl skipped: its allocation needs calibration batches (space.calibration_batches) "
+                    "to find each block's activation outliers, and there are none")
+        return []
+    units = [u.name for u in space.units if not u.removal and method in u.methods]
+    cap = context.max_layer_sparsity
+    trials: Trials = []
+    for s in levels:
+        try:
+            blocks = owl_allocation(model, context.calibration_batches, s, protected=context.protected)
+        except Exception as exc:  # ValueError: lambda pushes a block outside [0, 1); or a model OWL cannot run
+            log.warning("baseline rule owl at %g skipped: %s: %s", s, type(exc).__name__, exc)
+            continue
+        targets = layer_targets(model, blocks, context.protected)
+        allocation = {name: min(targets[name], cap) for name in units if name in targets}
+        if not allocation:
+            log.warning("baseline rule owl skipped: no unit that %s prunes is a layer of a decoder block", method)
+            return []
+        if any(targets[name] > cap for name in allocation):
+            log.warning("baseline rule owl at %g: layers held at max_layer_sparsity=%g, so its mean is below %g",
+                        s, cap, s)
+        trials.append((_label("owl", s, method), space.allocation_params(allocation, method)))
+    return trials
+
+
+def _warn_not_in_compact_space(rules: Sequence[str], uniform_methods: Sequence[str], first: str) -> None:
+    """Say which asked-for baselines the ``global`` parametrization cannot hold: OWL (no allocation curve,
+    see :func:`allocation_curves`) and uniform with another method than the first (its one uniform curve)."""
+    if "owl" in rules:
+        log.warning("baseline rule owl skipped: space.parametrization 'global' holds the uniform and global rules "
+                    "only (OWL's allocation is no curve of that space); use 'per_unit' for an OWL baseline")
+    others = [m for m in uniform_methods if m != first]
+    if "uniform" in rules and others:
+        log.warning("study.baseline_methods %s skipped: space.parametrization 'global' has one uniform rule, "
+                    "with the first configured method %s", others, first)
+
+
+def _label(rule: str, sparsity: float, method: str) -> str:
+    return f"uniform {method} {sparsity:g}" if rule == "uniform" else f"{rule.replace('_', ' ')} {sparsity:g}"

@@ -30,6 +30,8 @@ FAMILIES: dict[str, str] = {
     "taylor_unstructured": "unstructured",
     "random_unstructured": "unstructured",
     "wanda": "unstructured",
+    "magnitude_2:4": "unstructured",
+    "magnitude_4:8": "unstructured",
     "wanda_2:4": "unstructured",
     "wanda_4:8": "unstructured",
     "sparsegpt": "unstructured",
@@ -39,7 +41,8 @@ FAMILIES: dict[str, str] = {
 
 #: Built-in methods the iterative schedule and rewinding support: all but the N:M ones, whose one sparsity
 #: (N/M zeros) cannot be reached in steps.
-ITERATIVE: frozenset[str] = frozenset(FAMILIES) - {"wanda_2:4", "wanda_4:8", "sparsegpt_2:4", "sparsegpt_4:8"}
+ITERATIVE: frozenset[str] = frozenset(FAMILIES) - {"magnitude_2:4", "magnitude_4:8", "wanda_2:4", "wanda_4:8",
+                                                  "sparsegpt_2:4", "sparsegpt_4:8"}
 
 
 def _registry() -> dict[str, object]:

@@ -26,8 +26,11 @@ DEFAULT_BASELINES = (0.25, 0.5, 0.75)
 DEFAULT_UNSTRUCTURED_BASELINES = (0.5, 0.75, 0.9)
 """Unstructured rules zero single weights: at 0.5/0.75/0.9 they keep about the parameters that removing
 0.25/0.5/0.75 of the channels leaves (1 - (1 - s)^2 = 0.44/0.75/0.94), so the rules meet at similar sizes."""
-BASELINE_RULES = ("uniform", "global_magnitude", "global_structured")
+BASELINE_RULES = ("uniform", "global_magnitude", "global_structured", "owl")
 """The baseline rules a study can hold (``study.baseline_rules``; :mod:`autoprune.baselines`)."""
+DEFAULT_BASELINE_RULES = ("uniform", "global_magnitude", "global_structured")
+"""The rules of a study that names none: ``owl`` is asked for by name (it runs calibration batches through the
+dense model and fits decoder LLMs), so studies made before it existed keep their baselines."""
 
 
 class _Strict(BaseModel):
@@ -42,12 +45,17 @@ class StudyConfig(_Strict):
     sampler: Literal[SAMPLERS] = "tpe"  # type: ignore[valid-type]
     seed: int = 0
     baselines: list[float] | None = None
-    """Uniform sparsities enqueued first, with the first configured method, as trivial baselines;
+    """Whole-model sparsities at which the baseline rules (``baseline_rules``) are enqueued first;
     default: those of 0.25, 0.5 and 0.75 inside ``space.sparsity``; ``[]`` for none."""
-    baseline_rules: list[str] = Field(default_factory=lambda: list(BASELINE_RULES))
-    """Rules applied at each of ``baselines`` (see :mod:`autoprune.baselines`): ``uniform``,
-    ``global_magnitude`` (needs an unstructured method), ``global_structured`` (needs a channel method);
-    default: all of them, each where it applies."""
+    baseline_rules: list[str] = Field(default_factory=lambda: list(DEFAULT_BASELINE_RULES))
+    """Rules applied at each of ``baselines`` (see :mod:`autoprune.baselines`): ``uniform`` (with each of
+    ``baseline_methods``), ``global_magnitude`` (needs an unstructured method), ``global_structured`` (needs a
+    channel method), ``owl`` (outlier-weighted layer-wise sparsity for decoder LLMs: needs ``wanda``,
+    ``sparsegpt``, ``l1_unstructured`` or ``l2_unstructured`` and calibration batches; ``per_unit``
+    parametrization only); default: ``[uniform, global_magnitude, global_structured]``, each where it applies."""
+    baseline_methods: list[str] | None = Field(None, min_length=1)
+    """The methods the ``uniform`` rule is applied with, one trial per method and sparsity (an N:M method:
+    one trial, at its fixed sparsity); each must be one of ``space.methods``; default: the first of them."""
     db_url: str | None = None
     """autoprune's own database (registry of searches); default: ``sqlite:///<work_dir>/autoprune.db``."""
 
@@ -68,6 +76,13 @@ class StudyConfig(_Strict):
             raise ValueError(f"unknown baseline rule {unknown[0]!r}; known rules: {', '.join(BASELINE_RULES)}")
         if len(set(value)) != len(value):
             raise ValueError(f"expected each rule once, got {value}")
+        return value
+
+    @field_validator("baseline_methods")
+    @classmethod
+    def _distinct_methods(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"expected each method once, got {value}")
         return value
 
 
@@ -375,6 +390,27 @@ class SearchConfig(_Strict):
                                  f"[{low}, {high}], got {value}")
         return self
 
+    @model_validator(mode="after")
+    def _baseline_methods_configured(self) -> SearchConfig:
+        """``study.baseline_methods`` name methods the space prunes with, for the ``uniform`` rule: a method
+        outside ``space.methods`` has no unit in the space, and one without the rule would go unused."""
+        from .catalog import FAMILIES
+
+        methods = self.study.baseline_methods
+        if methods is None:
+            return self
+        for name in methods:
+            if name not in self.space.methods:
+                raise ValueError(f"field 'study.baseline_methods': method {name!r} is not among space.methods "
+                                 f"({', '.join(self.space.methods)})")
+            if FAMILIES.get(name) == "removal":
+                raise ValueError(f"field 'study.baseline_methods': {name!r} removes whole blocks, so a uniform "
+                                 "sparsity does not apply to it; name a structured or unstructured method")
+        if "uniform" not in self.study.baseline_rules:
+            raise ValueError(f"field 'study.baseline_methods': {methods} is given but study.baseline_rules "
+                             f"{self.study.baseline_rules} has no 'uniform', the rule they are applied with")
+        return self
+
     # ---- derived values: one place decides the defaults ----
     @property
     def baseline_sparsities(self) -> list[float]:
@@ -385,7 +421,7 @@ class SearchConfig(_Strict):
 
     @property
     def unstructured_baseline_sparsities(self) -> list[float]:
-        """The sparsities of the unstructured rules (global magnitude; uniform with an unstructured first
+        """The sparsities of the unstructured rules (global magnitude, OWL; uniform with an unstructured
         method): ``study.baselines`` when given, else :data:`DEFAULT_UNSTRUCTURED_BASELINES` in range."""
         if self.study.baselines is not None:
             return list(self.study.baselines)
@@ -542,7 +578,8 @@ def config_from_mapping(raw: Mapping[str, Any], base_dir: str | Path, overrides:
 
 ALWAYS_CHANGEABLE = ("study.n_trials", "study.storage", "study.db_url", "execution.", "tracking.uri",
                      "tracking.log_models",
-                     "tracking.model_formats", "study.baselines", "study.baseline_rules", "space.sensitivity_bounds",
+                     "tracking.model_formats", "study.baselines", "study.baseline_rules", "study.baseline_methods",
+                     "space.sensitivity_bounds",
                      "space.sensitivity_margin")
 """Config fields a resume may change freely: how long and where the search runs, not what it searches
 (baselines and sensitivity caps are read only when the study is created)."""

@@ -23,7 +23,15 @@ from .execution import Executor, InProcessExecutor, RayExecutor, TrialPayload
 from .plan import Plan, TrialFailure
 from .report import StudyReport
 from .space import SearchSpace
-from .study import WORKER_ATTR, constraint_values, counted_trials, screening_rivals, tell_failure, tell_success
+from .study import (
+    SEMI_STRUCTURED_ATTR,
+    WORKER_ATTR,
+    constraint_values,
+    counted_trials,
+    screening_rivals,
+    tell_failure,
+    tell_success,
+)
 from .trial import TrialOutput
 from .workspace import Workspace
 
@@ -117,6 +125,8 @@ def loop(workspace: Workspace, study: optuna.Study, space: SearchSpace, executor
                 _store_files(workspace, number, outcome)  # before tell: a COMPLETE trial always has its model
                 # the files' sha256, kept in the study: only these files are ever unpickled (export, report)
                 attrs[model_files.FILES_ATTR] = model_files.digests(outcome.weights, outcome.skeleton)
+                if outcome.semi_structured:  # {layer: "N:M"}: reaches the MLflow run through the trial's attrs
+                    attrs[SEMI_STRUCTURED_ATTR] = dict(outcome.semi_structured)
                 crash_point("trial.files_saved")
                 over = constraint_values(outcome.result, report.baseline.size_bytes, report.baseline.latency_ms,
                                          config.space.constraints.model_dump())  # <= 0: within space.constraints

@@ -29,6 +29,7 @@ from .study import (
     EXTRA_ATTR,
     FAILURE_KIND_ATTR,
     REASON_ATTR,
+    SEMI_STRUCTURED_ATTR,
     TRACEBACK_ATTR,
     WORKER_ATTR,
 )
@@ -131,7 +132,9 @@ class StudyReport:
         where = user_attrs.get(WORKER_ATTR)
         if isinstance(where, Mapping) and where.get("gpu_name"):  # the GPU the trial ran on (Ray's, or this process's)
             extra_tags["autoprune.gpu_name"] = str(where["gpu_name"])
-        self.tracker.log_trial(self.parent_id, self.study_name, number, plan, result, failure, extra_tags)
+        semi_structured = user_attrs.get(SEMI_STRUCTURED_ATTR)  # {layer: "N:M"}, on trials with N:M layers
+        self.tracker.log_trial(self.parent_id, self.study_name, number, plan, result, failure, extra_tags,
+                               semi_structured=semi_structured if isinstance(semi_structured, Mapping) else {})
         ranks = pareto.ranks(pareto.complete_trials(study))
         self._see_other_drivers(ranks)
         self.tracker.tag_pareto(ranks)

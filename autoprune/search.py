@@ -66,14 +66,21 @@ def _dense_baseline(study: optuna.Study, dense: nn.Module, inputs: Inputs) -> De
 
 
 def _enqueue_baselines(study: optuna.Study, config: SearchConfig, inputs: Inputs, dense: nn.Module) -> None:
-    """The simple rules (``study.baseline_rules`` at ``study.baselines``) as the study's first trials."""
+    """The simple rules (``study.baseline_rules`` at ``study.baselines``) as the study's first trials.
+
+    Only ``owl`` reads calibration batches: the context then holds ``space.calibration_batches`` training
+    batches, taken as a trial takes them (:func:`~autoprune.trial.make_context`); other rules need none."""
     from .baselines import seed_trials
     from .trial import make_context
 
-    context = make_context((), inputs.settings, next(iter(inputs.val_loader))[0][:1])
-    for label, params in seed_trials(inputs.space, dense, context, config.study.baseline_rules,
-                                     config.baseline_sparsities, config.space.methods,
-                                     unstructured_sparsities=config.unstructured_baseline_sparsities):
+    rules = config.study.baseline_rules
+    calibrate = "owl" in rules and inputs.space.parametrization == "per_unit"
+    context = make_context(inputs.train_loader if calibrate else (), inputs.settings,
+                           next(iter(inputs.val_loader))[0][:1])
+    for label, params in seed_trials(inputs.space, dense, context, rules, config.baseline_sparsities,
+                                     config.space.methods,
+                                     unstructured_sparsities=config.unstructured_baseline_sparsities,
+                                     baseline_methods=config.study.baseline_methods):
         study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label}, skip_if_exists=True)
 
 

@@ -8,6 +8,16 @@ tolerance. The result is written to ``<work_dir>/sensitivity.json``; when a NEW
 study is created in that work dir, the search enqueues trials built from the
 bounds first (see :func:`seed_trials`).
 
+With ``model.task: causal_lm`` the curves are of validation perplexity (lower is better) and the *drop*
+is the relative perplexity increase, ``perplexity / dense perplexity - 1`` (:func:`quality_drop`): the
+tolerance ``max_drop`` 0.05 allows 5 % higher perplexity, i.e. ``log(1.05)`` = 0.049 nats more mean
+next-token loss. A relative measure, because perplexity has no fixed scale (from 1 to the vocabulary
+size): one default then means the same for every model and data. The bounds, seeds and
+``space.sensitivity_bounds`` caps are sparsities, used exactly as for accuracy. (A trial's
+``accuracy_drop``, which ``space.constraints.max_accuracy_drop`` limits, is in perplexity units.) The result's
+``metric`` says which; ``dense_accuracy`` and each point's ``accuracy`` then hold perplexities, as
+:class:`~autoprune.trial.DenseBaseline` does.
+
 Runs in-process in the driver (torch only for the measuring; no Ray), on the trials' device
 (``execution.device``) and in their evaluation precision.
 """
@@ -44,13 +54,16 @@ DEFAULT_MAX_DROP = 0.05
 SENSITIVITY_ATTR = "autoprune.sensitivity"
 ARTIFACT_DIR = "sensitivity"
 REMOVE_RATIO = 1.0
+METRICS = {"classification": "accuracy", "causal_lm": "perplexity"}
+"""What the curves measure for each ``model.task``."""
 
 log = logging.getLogger("autoprune.sensitivity")
 
 
 @dataclass(frozen=True)
 class Point:
-    """One measurement: ``unit`` pruned by ``method`` at ``ratio``, the rest dense, not fine-tuned."""
+    """One measurement: ``unit`` pruned by ``method`` at ``ratio``, the rest dense, not fine-tuned.
+    ``accuracy`` is the task's metric (perplexity for ``causal_lm``); ``drop``: :func:`quality_drop`."""
 
     ratio: float
     accuracy: float | None
@@ -66,7 +79,8 @@ class Curve:
     family: str
     points: list[Point] = field(default_factory=list)
     bound: float = 0.0
-    """Largest ratio such that it and every smaller measured ratio drop accuracy by at most ``max_drop``."""
+    """Largest ratio such that it and every smaller measured ratio drop accuracy by at most ``max_drop``
+    (for perplexity: raise it by at most that fraction)."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,9 @@ class SensitivityResult:
     parent_run_id: str | None = None
     seeds: list[tuple[str, dict[str, object]]] = field(default_factory=list)
     study_exists: bool = False
+    metric: str = "accuracy"
+    """``accuracy`` or ``perplexity`` (``model.task: causal_lm``): what ``dense_accuracy`` and the points hold,
+    and how ``max_drop`` is meant (:func:`quality_drop`)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -98,6 +115,7 @@ class SensitivityResult:
             "study": self.study,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "fingerprint": self.fingerprint,
+            "metric": self.metric,
             "dense_accuracy": self.dense_accuracy,
             "ratios": self.ratios,
             "max_drop": self.max_drop,
@@ -143,9 +161,11 @@ def fingerprint(config: SearchConfig) -> str:
 def measure_curves(dense: nn.Module, space: SearchSpace, context: PruneContext, val_loader: Any,
                    ratios: Sequence[float], methods: Sequence[str] | None = None, *, seed: int = 0,
                    on_progress: ProgressFn | None = None, metric: Callable[[Any, Any], Any] | None = None,
-                   precision: str = "fp32") -> tuple[float, list[Curve]]:
+                   precision: str = "fp32", task: str = "classification") -> tuple[float, list[Curve]]:
     """Dense accuracy and one curve per (unit, method), ``methods`` restricting the methods; evaluated where
-    ``dense`` is, in ``precision``."""
+    ``dense`` is, in ``precision``. With ``task="causal_lm"``: dense perplexity, and curves of perplexity
+    whose drops are relative increases (:func:`quality_drop`)."""
+    name = _metric_name(task)
     jobs: list[tuple[str, str, str, list[float]]] = []
     for unit in space.units:
         for method in unit.methods:
@@ -156,20 +176,20 @@ def measure_curves(dense: nn.Module, space: SearchSpace, context: PruneContext, 
             jobs.append((unit.name, method, family, points))
     total = 1 + sum(len(points) for *_, points in jobs)
     dense_params = measure.count_parameters(dense)[0]
-    dense_accuracy = measure.evaluate_accuracy(dense, val_loader, metric, precision)
+    dense_accuracy = _evaluate(dense, val_loader, metric, precision, task)
     done = 1
     if on_progress:
-        on_progress(SensitivityProgress(done, total, f"dense accuracy {dense_accuracy:.4f}"))
+        on_progress(SensitivityProgress(done, total, f"dense {name} {dense_accuracy:.4f}"))
     curves = []
     for unit, method, family, points in jobs:
         curve = Curve(unit, method, family)
         for ratio in points:
             curve.points.append(_point(dense, unit, method, ratio, context, val_loader, dense_accuracy,
-                                       dense_params, seed, metric, precision))
+                                       dense_params, seed, metric, precision, task))
             done += 1
             if on_progress:
                 p = curve.points[-1]
-                shown = f"accuracy {p.accuracy:.4f}" if p.accuracy is not None else f"failed: {p.error}"
+                shown = f"{name} {p.accuracy:.4f}" if p.accuracy is not None else f"failed: {p.error}"
                 on_progress(SensitivityProgress(done, total, f"{unit} {method} {ratio:g}: {shown}"))
         curves.append(curve)
     return dense_accuracy, curves
@@ -177,20 +197,47 @@ def measure_curves(dense: nn.Module, space: SearchSpace, context: PruneContext, 
 
 def _point(dense: nn.Module, unit: str, method: str, ratio: float, context: PruneContext, val_loader: Any,
            dense_accuracy: float, dense_params: int, seed: int, metric: Callable[[Any, Any], Any] | None = None,
-           precision: str = "fp32") -> Point:
+           precision: str = "fp32", task: str = "classification") -> Point:
     from .trial import prune_model
 
     torch.manual_seed(seed)
     try:
         model = prune_model(dense, Plan((LayerPlan(unit, method, ratio),)), context)
-        accuracy = measure.evaluate_accuracy(model, val_loader, metric, precision)
+        accuracy = _evaluate(model, val_loader, metric, precision, task)
         _, nonzero = measure.count_parameters(model)
     except AutopruneError as exc:
         return Point(ratio, None, None, None, str(exc).splitlines()[0][:300])
     except Exception as exc:  # a method failing on one unit must not end a long analysis
         first = str(exc).splitlines()[0][:300] if str(exc) else ""
         return Point(ratio, None, None, None, f"{type(exc).__name__}: {first}")
-    return Point(ratio, accuracy, dense_accuracy - accuracy, 1.0 - nonzero / dense_params)
+    return Point(ratio, accuracy, quality_drop(dense_accuracy, accuracy, _metric_name(task)),
+                 1.0 - nonzero / dense_params)
+
+
+def _metric_name(task: str) -> str:
+    if task not in METRICS:
+        raise ValueError(f"field 'model.task': expected one of {', '.join(METRICS)}, got {task!r}")
+    return METRICS[task]
+
+
+def _evaluate(model: nn.Module, val_loader: Any, metric: Callable[[Any, Any], Any] | None, precision: str,
+              task: str) -> float:
+    """The task's validation metric: accuracy (or ``metric``), or perplexity for ``causal_lm``."""
+    if task == "causal_lm":
+        return measure.evaluate_perplexity(model, val_loader, precision)
+    return measure.evaluate_accuracy(model, val_loader, metric, precision)
+
+
+def quality_drop(dense: float, value: float, metric: str = "accuracy") -> float:
+    """How much worse ``value`` is than the dense model's ``dense``, in the unit of ``max_drop``: accuracy
+    points lost (``dense - value``), or for ``perplexity`` (lower is better) the relative increase
+    ``value / dense - 1`` (0.05: 5 % higher; ``exp`` of the mean next-token loss increase, minus 1).
+    Negative when the pruned model is better."""
+    if metric not in METRICS.values():
+        raise ValueError(f"metric: expected one of {', '.join(METRICS.values())}, got {metric!r}")
+    if metric == "perplexity":
+        return value / dense - 1.0
+    return dense - value
 
 
 def tolerated(points: Sequence[Point], max_drop: float) -> float:
@@ -316,13 +363,18 @@ def unit_highs(bounds: Mapping[str, Mapping[str, Any]], margin: float) -> dict[s
 
 # ---- output ----
 def figure(result: SensitivityResult) -> Any:
-    """A matplotlib figure: one panel per method, accuracy against sparsity, one line per unit."""
+    """A matplotlib figure: one panel per method, accuracy (or perplexity, on a log scale) against sparsity,
+    one line per unit, and the tolerance's line."""
     from matplotlib.figure import Figure
 
     methods = list(dict.fromkeys(c.method for c in result.curves))
     fig = Figure(figsize=(5.5 * max(1, len(methods)), 4.2), layout="constrained")
     axes = fig.subplots(1, max(1, len(methods)), squeeze=False)[0]
-    floor = result.dense_accuracy - result.max_drop
+    lower_is_better = result.metric == "perplexity"
+    if lower_is_better:
+        floor, floor_label = result.dense_accuracy * (1.0 + result.max_drop), f"dense x {1.0 + result.max_drop:g}"
+    else:
+        floor, floor_label = result.dense_accuracy - result.max_drop, f"dense - {result.max_drop:g}"
     for ax, method in zip(axes, methods, strict=False):
         for curve in (c for c in result.curves if c.method == method):
             xs = [p.ratio for p in curve.points if p.accuracy is not None]
@@ -330,13 +382,16 @@ def figure(result: SensitivityResult) -> Any:
             label = curve.unit + (f" (bound {curve.bound:g})" if curve.family != "removal" else "")
             ax.plot(xs, ys, marker="o", label=label)
         ax.axhline(result.dense_accuracy, color="black", linewidth=1, label="dense")
-        ax.axhline(floor, color="gray", linestyle="--", linewidth=1, label=f"dense - {result.max_drop:g}")
+        ax.axhline(floor, color="gray", linestyle="--", linewidth=1, label=floor_label)
         ax.set_title(f"{method} (no fine-tuning)")
         ax.set_xlabel("removal" if get_method(method).family == "removal" else "sparsity of the unit")
-        ax.set_ylabel("validation accuracy")
-        ax.set_ylim(0, 1.02)
+        ax.set_ylabel(f"validation {result.metric}")
+        if lower_is_better:
+            ax.set_yscale("log")  # one unit's perplexity may grow by orders of magnitude
+        else:
+            ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="upper left" if lower_is_better else "lower left")
     fig.suptitle(f"Sensitivity of {result.study}: one unit pruned at a time")
     return fig
 
@@ -378,7 +433,8 @@ def run_sensitivity(source: SearchConfig | Workspace, ratios: Sequence[float] = 
                     methods: Sequence[str] | None = None, max_drop: float = DEFAULT_MAX_DROP, *,
                     log_mlflow: bool = True, on_progress: ProgressFn | None = None) -> SensitivityResult:
     """Measure the curves of a config's (or workspace's) search space, write ``sensitivity.json``, log to
-    MLflow."""
+    MLflow. ``max_drop``: the tolerated accuracy drop, or with ``model.task: causal_lm`` the tolerated
+    relative perplexity increase (:func:`quality_drop`)."""
     from .training import to_device
     from .trial import make_context, on_device, trial_device
     from .workspace import Workspace
@@ -390,8 +446,10 @@ def run_sensitivity(source: SearchConfig | Workspace, ratios: Sequence[float] = 
     if any(r > cap for r in ratios):
         raise ConfigError(f"option '--ratios': {max(ratios):g} exceeds space.max_layer_sparsity={cap:g}; "
                           "lower the ratio or raise the cap")
+    task = config.model.task
     if not 0.0 <= max_drop < 1.0:
-        raise ConfigError(f"option '--max-drop': expected an accuracy drop in [0, 1), got {max_drop}")
+        tolerance = "a relative perplexity increase" if task == "causal_lm" else "an accuracy drop"
+        raise ConfigError(f"option '--max-drop': expected {tolerance} in [0, 1), got {max_drop}")
     unknown = [m for m in methods or () if m not in config.space.methods]
     if unknown:
         raise ConfigError(f"option '--method': {', '.join(unknown)} not among space.methods "
@@ -413,11 +471,11 @@ def run_sensitivity(source: SearchConfig | Workspace, ratios: Sequence[float] = 
     dense_accuracy, curves = measure_curves(on_device(dense, device), inputs.space, context, inputs.val_loader,
                                             ratios, methods, seed=config.study.seed, on_progress=on_progress,
                                             metric=inputs.settings.metric_fn,
-                                            precision=inputs.settings.eval_precision)
+                                            precision=inputs.settings.eval_precision, task=task)
     bounds = unit_bounds(inputs.space, curves, max_drop)
     used = [m for m in config.space.methods if any(c.method == m for c in curves)]
     result = SensitivityResult(config.study.name, dense_accuracy, [0.0, *[r for r in ratios if r > 0]], max_drop,
-                               used, curves, bounds, fingerprint(config))
+                               used, curves, bounds, fingerprint(config), metric=_metric_name(task))
     result.seeds = seed_params(inputs.space, bounds, max_drop)
     result.seconds = time.perf_counter() - started
     result.path = config.work_path / SENSITIVITY_FILE

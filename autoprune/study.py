@@ -63,6 +63,9 @@ DRIVER_ATTR = "autoprune.driver"
 """Trial user attribute: the id of the driver that asked for the trial."""
 WORKER_ATTR = "autoprune.worker"
 """Trial user attribute: where the trial ran (Ray node id, worker pid, shipped modules)."""
+SEMI_STRUCTURED_ATTR = "autoprune.semi_structured"
+"""Trial user attribute ``{layer: "N:M"}``: the layers an N:M method pruned (``TrialOutput.semi_structured``);
+set only on trials that have such layers."""
 DRIVER_PREFIX = "autoprune.driver."
 """Study user attributes ``autoprune.driver.<id>``: each driver's identity and heartbeat."""
 

@@ -42,6 +42,8 @@ FAILURE_KIND_TAG = "autoprune.failure_kind"
 DEVICE_TAG = "autoprune.device"  # a trial run's: where it trained (cpu / cuda), from its result's extra
 LATENCY_DEVICE_TAG = "autoprune.latency_device"  # where its latency was timed
 TRACEBACK_FILE = "traceback.txt"  # a failed trial run's artifact: the full traceback
+SEMI_STRUCTURED_TAG = "autoprune.semi_structured"  # a trial run's N:M layers in short: "2:4 on 12 layers"
+SEMI_STRUCTURED_FILE = "semi_structured.json"  # ...and in full, {layer: "N:M"}, as an artifact
 MAX_PARAM_LENGTH = 6000
 MAX_NOTE_LENGTH = 8000  # MLflow's limit on a tag value
 
@@ -164,13 +166,18 @@ class Tracker:
 
     def log_trial(self, parent_id: str, study_name: str, number: int, plan: Plan,
                   result: TrialResult | None, failure: TrialFailure | str | None,
-                  extra_tags: Mapping[str, str] = ()) -> str:
+                  extra_tags: Mapping[str, str] = (), semi_structured: Mapping[str, str] = ()) -> str:
         """A finished child run for trial ``number`` (skipped if one exists already); a failed one is tagged
-        with its ``fail_reason`` and ``autoprune.failure_kind`` and carries its traceback as ``traceback.txt``."""
+        with its ``fail_reason`` and ``autoprune.failure_kind`` and carries its traceback as ``traceback.txt``.
+        ``semi_structured`` (``{layer: "N:M"}``, the layers an N:M method pruned) is tagged in short
+        (:func:`semi_structured_summary`, searchable in the runs table) and kept whole as ``semi_structured.json``."""
         if number in self._trial_runs:
             return self._trial_runs[number]
+        semi_structured = dict(semi_structured)
         tags = {PARENT_TAG: parent_id, STUDY_TAG: study_name, TRIAL_TAG: str(number), ROLE_TAG: "trial",
                 "state": "COMPLETE" if result else "FAIL", **dict(extra_tags)}
+        if semi_structured:
+            tags[SEMI_STRUCTURED_TAG] = semi_structured_summary(semi_structured)
         reason = failure.reason if isinstance(failure, TrialFailure) else failure
         if reason:
             tags["fail_reason"] = reason[:5000]
@@ -187,6 +194,8 @@ class Tracker:
             metrics = [Metric(k, v, _now(), 0) for k, v in result.as_metrics().items()]
             self.client.log_batch(run_id, metrics=metrics)
         self.client.log_table(run_id, _plan_table(plan), "plan.json")
+        if semi_structured:
+            self.client.log_dict(run_id, semi_structured, SEMI_STRUCTURED_FILE)
         if isinstance(failure, TrialFailure) and failure.traceback:
             self.client.log_text(run_id, failure.traceback, TRACEBACK_FILE)
         crash_point("mlflow.child_logged")
@@ -405,6 +414,15 @@ def _device_tags(result: TrialResult | None) -> dict[str, str]:
     if "latency_on_cuda" in result.extra:
         tags[LATENCY_DEVICE_TAG] = "cuda" if result.extra["latency_on_cuda"] else "cpu"
     return tags
+
+
+def semi_structured_summary(layers: Mapping[str, str]) -> str:
+    """``{layer: "N:M"}`` in a few words, one count per pattern: ``"2:4 on 12 layers"``,
+    ``"2:4 on 10 layers, 4:8 on 1 layer"``; empty for no layers."""
+    counts: dict[str, int] = {}
+    for pattern in layers.values():
+        counts[pattern] = counts.get(pattern, 0) + 1
+    return ", ".join(f"{pattern} on {n} layer{'s' if n != 1 else ''}" for pattern, n in sorted(counts.items()))
 
 
 def _plan_table(plan: Plan) -> dict[str, list[Any]]:

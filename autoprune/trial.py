@@ -25,6 +25,11 @@ evaluation run in ``finetune.precision`` / ``eval_precision``. The model's files
 so they do not depend on the device that made them; int8 quantization runs on the CPU. Latency is timed on
 ``latency_device`` (default: the trial's). ``extra`` says ``on_cuda`` and ``latency_on_cuda`` (0/1) and, on
 CUDA, ``gpu_peak_memory_mb``.
+
+N:M (semi-structured) methods (``wanda_2:4``...) record the pattern of each layer they pruned on the model
+(:func:`~autoprune.methods.llm.semi_structured_layers`); the trial hands it back as
+``TrialOutput.semi_structured``, since ``extra`` holds numbers only and the pattern is a fact about the model's
+files (what a GPU runtime may convert to sparse kernels), not a measurement.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from torch import nn
 from . import measure, model_files, quantize, schedule
 from .errors import ConfigError
 from .methods import PruneContext, get_method
+from .methods import llm as llm_methods
 from .methods import unstructured as unstructured_methods
 from .plan import Plan, TrialResult
 from .training import (
@@ -165,6 +171,9 @@ class TrialOutput:
     result: TrialResult
     weights: bytes
     skeleton: bytes
+    semi_structured: dict[str, str] = field(default_factory=dict)
+    """``{layer: "N:M"}`` for the layers an N:M method pruned (JSON-able; empty when none): the driver stores
+    it with the Optuna trial and logs it to the trial's MLflow run."""
 
 
 def trial_device(settings: TrialSettings, gpu_assigned: bool | None = None) -> torch.device:
@@ -344,6 +353,7 @@ def run_trial(
             return accuracy >= threshold and dominated < settings.screening.max_dominated
 
     model, train_seconds = prune_and_finetune(dense, train_loader, plan, settings, context, screen=screen, info=info)
+    semi_structured = llm_methods.semi_structured_layers(model)  # read before quantization replaces the model
     macs = measure.count_macs(model, example)
     extra = {"quantized": float(plan.quantize), "rewound": float(plan.rewind), "rounds": float(plan.rounds), **info,
              "on_cuda": float(device.type == "cuda"), "latency_on_cuda": float(timing_device.type == "cuda")}
@@ -389,7 +399,7 @@ def run_trial(
         train_seconds=train_seconds,
         extra=extra,
     )
-    return TrialOutput(result, weights, skeleton)
+    return TrialOutput(result, weights, skeleton, semi_structured)
 
 
 def _evaluator(settings: TrialSettings) -> Callable[[nn.Module, Batches], float]:

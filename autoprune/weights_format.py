@@ -23,7 +23,7 @@ Keys of the extra tensors are ``name:mask``, ``name:values``, ``name:qdata``... 
 a state-dict name that torch makes).
 
 ``architecture.json`` -- the pruned architecture as data: ``{"format": "autoprune.architecture",
-"version": 1, "factory": ..., "modules": [...], "fallback": ...}``. ``modules`` lists every module in
+"version": 1, "factory": ..., "modules": [...], "configs": [...], "fallback": ...}``. ``modules`` lists every module in
 ``named_modules`` order as ``{"name", "class": "package.module:Class", "attrs", "opaque", "params",
 "buffers", "children"}`` (or ``{"name", "same_as": other}`` for a module shared under two names):
 ``attrs`` are the module's plain attributes -- exactly what pruning changes (Conv ``in_channels`` /
@@ -33,18 +33,25 @@ and ``class`` itself where a block became ``nn.Identity`` or attention a ``Slice
 ``params`` / ``buffers`` name the tensors (``requires_grad``; persistent or not; ``null`` for a ``None``
 slot), whose shapes are those in the safetensors file; ``children`` the sub-module slots in order.
 ``opaque`` lists attributes JSON cannot hold (a config object, a function outside torch, hooks, a class
-that cannot be imported by name).
+that cannot be imported by name). ``configs`` describes each Hugging Face configuration object
+(``PretrainedConfig``) the modules hold, once however many share it: ``{"class", "attrs", "held_by":
+[[module, attribute], ...]}``, ``attrs`` being its plain attributes as data. Pruning changes some
+(layer removal shrinks ``num_hidden_layers`` and ``layer_types``), and the object itself comes from the
+template on rebuilding (below), so they are set back on it; otherwise the reloaded model would carry the
+factory's values.
 
 Rebuilding (no unpickling): each module is taken from the *template* -- the dense model from the user's
 factory -- when it has a module of the same class under that name, otherwise created by class name
 (``cls.__new__`` plus ``nn.Module.__init__``, never the class's own ``__init__``); its recorded attributes
 are set, its tensors replaced by the file's (so the shapes are the pruned ones) and its children
-re-attached. A template is needed only for opaque attributes: ``factory`` records the model factory
-(``module:callable`` and JSON kwargs, remembered by :func:`remember_factory` when autoprune built the
-model from a config) or the caller passes one. A model with opaque attributes and no known factory
-(a model object given to ``autoprune.Search``, a class defined in ``__main__``) cannot be rebuilt that
-way: then, for that model only, ``fallback`` holds the old pickled skeleton (tensors stripped, base64)
-and a warning says so; loading it unpickles, so it is read only from files whose digests match.
+re-attached; each recorded config's attributes are set on the object the rebuilt modules hold (attributes
+not recorded, such as ones JSON cannot hold, keep the template's values). A template is needed only for
+opaque attributes: ``factory`` records the model factory (``module:callable`` and JSON kwargs, remembered
+by :func:`remember_factory` when autoprune built the model from a config) or the caller passes one. A model
+with opaque attributes and no known factory (a model object given to ``autoprune.Search``, a class defined
+in ``__main__``) cannot be rebuilt that way: then, for that model only, ``fallback`` holds the old pickled
+skeleton (tensors stripped, base64) and a warning says so; loading it unpickles, so it is read only from
+files whose digests match.
 """
 
 from __future__ import annotations
@@ -351,6 +358,43 @@ def _walk(module: nn.Module, name: str, seen: dict[int, str], out: list[dict[str
             _walk(child, f"{name}.{key}" if name else key, seen, out)
 
 
+def _is_config(value: Any) -> bool:
+    """Whether ``value`` is a Hugging Face ``PretrainedConfig`` (``PreTrainedConfig`` in transformers 5), known
+    by its class name: this module does not import transformers."""
+    return any(c.__name__.lower() == "pretrainedconfig" for c in type(value).__mro__)
+
+
+def _config_records(model: nn.Module) -> list[dict[str, Any]]:
+    """Each configuration object the modules of ``model`` hold, once: its class, its plain attributes as data
+    (those JSON cannot hold are left out) and every ``[module, attribute]`` that holds it."""
+    records: list[dict[str, Any]] = []
+    by_id: dict[int, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        for key, value in module.__dict__.items():
+            if key in _MANAGED or not _is_config(value):
+                continue
+            if id(value) not in by_id:
+                attrs = {k: encoded for k, v in vars(value).items() if (encoded := _to_json(v)) is not _OPAQUE}
+                by_id[id(value)] = {"class": _class_path(type(value)), "attrs": attrs, "held_by": []}
+                records.append(by_id[id(value)])
+            by_id[id(value)]["held_by"].append([name, key])
+    return records
+
+
+def _restore_configs(records: list[dict[str, Any]], modules: Mapping[str, nn.Module]) -> None:
+    """Set each recorded config's attributes on the object the rebuilt modules hold (the template's, which has
+    the factory's values: a removed decoder layer's ``num_hidden_layers`` would otherwise come back)."""
+    done: set[int] = set()
+    for record in records:
+        attrs = {key: _from_json(value) for key, value in record["attrs"].items()}
+        for module_name, key in record["held_by"]:
+            target = modules[module_name].__dict__.get(key) if module_name in modules else None
+            if target is None or id(target) in done or not _is_config(target):
+                continue
+            done.add(id(target))
+            target.__dict__.update(attrs)  # as they were read: from the object's __dict__, no setters
+
+
 def _stripped_skeleton(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every parameter and buffer replaced by ``None`` (their data live in the
     weights file), for the pickled fallback."""
@@ -404,7 +448,8 @@ def architecture_bytes(model: nn.Module) -> bytes:
                     where)
         fallback = {"reason": f"not describable as data: {where}",
                     "pickled_skeleton": base64.b64encode(_pickled(_stripped_skeleton(model))).decode("ascii")}
-    arch = {"format": ARCH_FORMAT, "version": VERSION, "factory": factory, "modules": records, "fallback": fallback}
+    arch = {"format": ARCH_FORMAT, "version": VERSION, "factory": factory, "modules": records,
+            "configs": _config_records(model), "fallback": fallback}
     return json.dumps(arch, indent=None, separators=(",", ":"), allow_nan=False).encode()
 
 
@@ -513,4 +558,5 @@ def rebuild(arch: Mapping[str, Any], tensors: dict[str, Tensor],
                            for key, present in record["children"].items()}
     if unused:
         raise FormatError(f"the weights file has tensors the architecture does not use: {sorted(unused)[:5]}")
+    _restore_configs(arch.get("configs") or [], modules)  # files of an older autoprune have none
     return modules[""].eval()

@@ -1,15 +1,21 @@
-"""The simple-rule baselines (uniform, global magnitude, global structured) as per-unit allocations."""
+"""The simple-rule baselines (uniform with each baseline method, global magnitude, global structured, OWL) as
+per-unit allocations."""
 
 from __future__ import annotations
+
+import logging
 
 import optuna
 import pytest
 import torch
+from torch import nn
+from zoo import tiny_decoder
 
-from autoprune.baselines import global_magnitude, global_structured, seed_trials
+from autoprune.baselines import allocation_curves, global_magnitude, global_structured, seed_trials
 from autoprune.config import load_config
 from autoprune.errors import ConfigError
 from autoprune.methods import PruneContext
+from autoprune.owl import decoder_blocks, layer_targets, owl_allocation
 from autoprune.space import SearchSpace
 from autoprune.study import BASELINE_ATTR
 from autoprune.trial import prune_model
@@ -91,8 +97,9 @@ def test_baseline_rules_config_is_validated(tiny_project) -> None:
     config = load_config(tiny_project)
     assert config.study.baseline_rules == ["uniform", "global_magnitude", "global_structured"]
     with pytest.raises(ConfigError, match="unknown baseline rule 'global'; known rules: uniform, "
-                                          "global_magnitude, global_structured"):
+                                          "global_magnitude, global_structured, owl"):
         load_config(tiny_project, ["study.baseline_rules=[uniform, global]"])
+    assert load_config(tiny_project, ["study.baseline_rules=[owl]"]).study.baseline_rules == ["owl"]
 
 
 def test_a_unit_over_the_cap_is_held_there_and_the_rest_goes_elsewhere() -> None:
@@ -118,3 +125,119 @@ def test_unstructured_rules_default_to_higher_sparsities(tiny_setup, tiny_projec
     assert labels == ["uniform l1_unstructured 0.5", "uniform l1_unstructured 0.75", "uniform l1_unstructured 0.9",
                       "global magnitude 0.5", "global magnitude 0.75", "global magnitude 0.9",
                       "global structured 0.25", "global structured 0.5", "global structured 0.75"]
+
+
+# --------------------------------------------------------------------------- decoder LLMs: baseline methods, OWL
+
+
+def _tiny_llama(batches: int = 2) -> tuple[nn.Module, PruneContext]:
+    """A tiny 4-block Llama (tests/zoo.py) with outlier input features planted in blocks 1 and 3, so that OWL's
+    allocation is not uniform, and ``batches`` calibration batches of random token ids."""
+    pytest.importorskip("transformers")
+    dense = tiny_decoder("llama", layers=4)
+    with torch.no_grad():
+        for index in (1, 3):
+            block = dense.model.layers[index]
+            block.input_layernorm.weight[:4] *= 20
+            block.post_attention_layernorm.weight[:4] *= 20
+    ids = torch.randint(1, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    calibration = [(x, x) for x in ids.split(2)][:batches]
+    return dense, PruneContext(example_inputs=ids[:1], calibration_batches=calibration,
+                               protected=frozenset({"lm_head"}), max_layer_sparsity=0.95)
+
+
+def test_baseline_methods_give_one_uniform_trial_per_method_and_level() -> None:
+    dense, context = _tiny_llama()
+    methods = ["attention_heads", "l1_unstructured", "wanda", "wanda_2:4"]
+    space = SearchSpace.from_model(dense, context, methods, low=0.0, high=0.75)
+    trials = dict(seed_trials(space, dense, context, ["uniform"], [0.25, 0.5], methods,
+                              unstructured_sparsities=[0.5, 0.75],
+                              baseline_methods=["wanda", "wanda_2:4", "attention_heads"]))
+    # unstructured methods at the unstructured levels, the 2:4 method once (at its one sparsity), heads at the others
+    assert list(trials) == ["uniform wanda 0.5", "uniform wanda 0.75", "uniform wanda_2:4 0.5",
+                            "uniform attention_heads 0.25", "uniform attention_heads 0.5"]
+    for label, method, sparsity, units in (("uniform wanda 0.75", "wanda", 0.75, 28),
+                                           ("uniform wanda_2:4 0.5", "wanda_2:4", 0.5, 28),
+                                           ("uniform attention_heads 0.25", "attention_heads", 0.25, 4)):
+        layers = space.decode(trials[label]).layers
+        assert {(layer.method, layer.sparsity) for layer in layers} == {(method, sparsity)}
+        assert len(layers) == units  # every unit the method prunes, and only those
+    # default: the first configured method only, as before baseline_methods
+    assert [label for label, _ in seed_trials(space, dense, context, ["uniform"], [0.25, 0.5], methods,
+                                              unstructured_sparsities=[0.5, 0.75])] == [
+        "uniform attention_heads 0.25", "uniform attention_heads 0.5"]
+    # no levels, no trials: not even the N:M one
+    assert seed_trials(space, dense, context, ["uniform"], [], methods, unstructured_sparsities=[],
+                       baseline_methods=["wanda_2:4"]) == []
+
+
+def test_baseline_methods_must_be_configured_methods(tiny_project) -> None:
+    assert load_config(tiny_project).study.baseline_methods is None  # space.methods: [l1_unstructured, l1_structured]
+    config = load_config(tiny_project, ["study.baseline_methods=[l1_structured, l1_unstructured]"])
+    assert config.study.baseline_methods == ["l1_structured", "l1_unstructured"]
+    with pytest.raises(ConfigError, match=r"field 'study.baseline_methods': method 'wanda' is not among "
+                                          r"space.methods \(l1_unstructured, l1_structured\)"):
+        load_config(tiny_project, ["study.baseline_methods=[l1_unstructured, wanda]"])
+    with pytest.raises(ConfigError, match=r"field 'study.baseline_methods': .* no 'uniform'"):
+        load_config(tiny_project, ["study.baseline_methods=[l1_unstructured]", "study.baseline_rules=[owl]"])
+    with pytest.raises(ConfigError, match=r"field 'study.baseline_methods': .*expected each method once"):
+        load_config(tiny_project, ["study.baseline_methods=[l1_unstructured, l1_unstructured]"])
+
+
+def test_owl_rule_enqueues_owl_allocation_over_the_method_units(caplog: pytest.LogCaptureFixture) -> None:
+    dense, context = _tiny_llama()
+    methods = ["attention_heads", "l1_unstructured", "wanda"]
+    space = SearchSpace.from_model(dense, context, methods, low=0.0, high=0.9)
+    with caplog.at_level(logging.WARNING, logger="autoprune"):  # at 0.02, lambda 0.08 pushes a block below 0
+        trials = seed_trials(space, dense, context, ["owl"], [0.25], methods, unstructured_sparsities=[0.02, 0.5])
+    assert "baseline rule owl at 0.02 skipped: ValueError" in caplog.text
+    (label, params), = trials
+    assert label == "owl 0.5"  # at the unstructured level
+    expected = layer_targets(dense, owl_allocation(dense, context.calibration_batches, 0.5,
+                                                   protected=context.protected), context.protected)
+    units = [u.name for u in space.units if "wanda" in u.methods]
+    assert len(units) == 28 and {u: params[f"{u}/sparsity"] for u in units} == expected
+    assert {params[f"{u}/method"] for u in units} == {"wanda"}  # preferred to l1_unstructured
+    assert {params[f"{u.name}/sparsity"] for u in space.units if u.methods == ("attention_heads",)} == {0.0}
+    blocks = [{params[f"{u}/sparsity"] for u in members} for members in decoder_blocks(dense, units).values()]
+    assert [len(values) for values in blocks] == [1, 1, 1, 1]  # one sparsity per decoder block
+    per_block = [values.pop() for values in blocks]
+    assert sum(per_block) / 4 == pytest.approx(0.5, abs=1e-9)  # the unweighted block mean is the target
+    assert max(per_block[1], per_block[3]) < min(per_block[0], per_block[2])  # outliers: less sparsity
+    # the blocks have equal layers, so the pruned model's sparsity over those layers is the target too
+    pruned = prune_model(dense, space.decode(params), context)
+    weights = [pruned.get_submodule(u).weight for u in units]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(0.5, abs=1e-3)
+
+
+def test_owl_rule_is_skipped_where_it_cannot_apply(caplog: pytest.LogCaptureFixture) -> None:
+    dense, context = _tiny_llama(batches=0)
+    methods = ["attention_heads", "wanda", "wanda_2:4"]
+    space = SearchSpace.from_model(dense, context, methods, low=0.0, high=0.9)
+    with caplog.at_level(logging.WARNING, logger="autoprune"):
+        trials = seed_trials(space, dense, context, ["uniform", "owl"], [0.5], methods, baseline_methods=["wanda"])
+    assert [label for label, _ in trials] == ["uniform wanda 0.5"]
+    assert "baseline rule owl skipped: its allocation needs calibration batches" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="autoprune"):  # an N:M method cannot follow an allocation
+        assert seed_trials(space, dense, context, ["owl"], [0.5], ["attention_heads", "wanda_2:4"]) == []
+    assert "baseline rule owl skipped: it prunes with one of wanda, sparsegpt, l1_unstructured, l2_unstructured" \
+        in caplog.text
+
+
+def test_owl_is_no_rule_of_the_compact_space(caplog: pytest.LogCaptureFixture) -> None:
+    dense, context = _tiny_llama()
+    methods = ["wanda", "l1_unstructured"]
+    space = SearchSpace.from_model(dense, context, methods, low=0.0, high=0.9, parametrization="global")
+    space = space.with_allocations(allocation_curves(space, dense, context, methods, [0.0, 0.5, 0.9]))
+    assert [a.rule for a in space.allocations] == ["uniform", "global_magnitude"]
+    with caplog.at_level(logging.WARNING, logger="autoprune"):
+        trials = seed_trials(space, dense, context, ["uniform", "owl"], [0.5], methods)
+    assert [label for label, _ in trials] == ["uniform wanda 0.5"]
+    assert "baseline rule owl skipped: space.parametrization 'global'" in caplog.text
+    # its one uniform rule is the first method's: another baseline method has no point there
+    with caplog.at_level(logging.WARNING, logger="autoprune"):
+        assert seed_trials(space, dense, context, ["uniform"], [0.5], methods,
+                           baseline_methods=["l1_unstructured"]) == []
+    assert "study.baseline_methods ['l1_unstructured'] skipped" in caplog.text

@@ -1,9 +1,10 @@
 """Llama-family decoders (Llama, Mistral, Qwen2 from tiny random configs) and the causal-LM task.
 
-Structural pruning keeps the contract of the method suite: the shrunk model's logits equal those of the
-dense model with exactly the removed parts zeroed, ``replay`` repeats the surgery, one SGD step works;
-and for decoders also: ``generate()`` with the KV cache gives what it gives without one. The task:
-perplexity is 1 for a perfect model and the study minimizes it.
+The method contract on these decoders (shrunk logits equal the masked dense ones, ``replay`` repeats the
+surgery, ``generate()`` with the KV cache gives what it gives without one, one SGD step) is checked for
+every method by tests/test_methods_contract.py; here what the Llama-family surgery does to the modules
+(key/value groups, SwiGLU sizes, layer indices of the cache), uneven pruning across layers, and the
+task: perplexity is 1 for a perfect model and the study minimizes it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from zoo import DECODER_FAMILIES, tiny_decoder
+from zoo import DECODER_FAMILIES, Logits, tiny_decoder
 
 import autoprune
 from autoprune.measure import evaluate_perplexity
@@ -32,11 +33,6 @@ IDS = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(3))
 
 def _context() -> PruneContext:
     return PruneContext(example_inputs=IDS[:1], protected=frozenset({"lm_head"}))
-
-
-def _logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits
 
 
 def _check_generation_and_training(model: nn.Module) -> None:
@@ -68,19 +64,8 @@ def test_gqa_heads_remove_whole_key_value_groups(family: str) -> None:
     assert attn.num_key_value_groups == 2 and attn.head_dim == 8  # queries per key/value head unchanged
     assert model.model.layers[2].self_attn.num_key_value_heads == 3
     assert model.config.num_key_value_heads == 4  # the shared config keeps the dense counts
-
-    masked = copy.deepcopy(dense)
-    with torch.no_grad():
-        for unit, groups in removed.items():
-            o = masked.get_submodule(unit).o_proj
-            for g in groups:
-                o.weight[:, g * 16 : (g + 1) * 16] = 0  # a group's 2 query heads of 8
-    torch.testing.assert_close(_logits(model), _logits(masked), atol=1e-5, rtol=1e-4)
-    again = copy.deepcopy(dense)
-    method.replay(again, removed, context)
-    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
     assert scan_attention(model)[0][units[0]].num_heads == 2
-    _check_generation_and_training(model)
+    _check_generation_and_training(model)  # layers with 2, 4 and 3 key/value heads share one KV cache
 
 
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
@@ -94,11 +79,7 @@ def test_swiglu_neurons_shrink_gate_up_and_down_together(family: str) -> None:
     mlp = model.model.layers[1].mlp
     assert (mlp.gate_proj.out_features, mlp.up_proj.out_features, mlp.down_proj.in_features) == (64, 64, 64)
     assert mlp.intermediate_size == 64 and model.model.layers[0].mlp.intermediate_size == 128
-    masked = copy.deepcopy(dense)
-    with torch.no_grad():
-        scan_mlps(masked)[units[1]].down.weight[:, removed[units[1]]] = 0
-    torch.testing.assert_close(_logits(model), _logits(masked), atol=1e-5, rtol=1e-4)
-    _check_generation_and_training(model)
+    assert len(removed[units[1]]) == 64 and scan_mlps(model)[units[1]].down.in_features == 64
 
 
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
@@ -115,11 +96,6 @@ def test_decoder_layer_removal_keeps_the_cache_indices_right(family: str) -> Non
     assert dict(model.named_modules()).keys() >= {"model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj"}
     if getattr(model.config, "layer_types", None) is not None:
         assert len(model.config.layer_types) == 2
-    masked = copy.deepcopy(dense)  # a layer whose attention and MLP add nothing is the identity
-    with torch.no_grad():
-        masked.model.layers[0].self_attn.o_proj.weight.zero_()
-        masked.model.layers[0].mlp.down_proj.weight.zero_()
-    torch.testing.assert_close(_logits(model), _logits(masked), atol=1e-5, rtol=1e-4)
     # the other methods still address the remaining layers by their dense names, and skip the removed one
     heads = get_method("attention_heads")
     heads.prune(model, {"model.layers.0.self_attn": 0.5, "model.layers.2.self_attn": 0.5}, context)
@@ -128,13 +104,6 @@ def test_decoder_layer_removal_keeps_the_cache_indices_right(family: str) -> Non
     method.replay(again, {"model.layers.0": [0]}, context)
     assert again.config.num_hidden_layers == 2
     _check_generation_and_training(model)
-
-
-def test_lm_head_and_embeddings_are_protected() -> None:
-    model, context = tiny_decoder("llama"), _context()
-    for name in ("l1_unstructured", "attention_heads", "mlp_neurons", "remove_block"):
-        units = get_method(name).candidates(model, context)
-        assert not [u for u in units if u.startswith(("lm_head", "model.embed_tokens"))], name
 
 
 class PerfectLM(nn.Module):
@@ -169,16 +138,6 @@ def test_causal_lm_loss_equals_hugging_face_labels_loss() -> None:
     assert math.isclose(float(causal_lm_loss(out, IDS)), float(out.loss), rel_tol=1e-5)
     assert math.isclose(float(causal_lm_loss(out.logits, IDS)), float(out.loss), rel_tol=1e-5)
 
-
-class Logits(nn.Module):
-    """A Hugging Face causal LM behind ``ids -> logits`` (what the trials time and export)."""
-
-    def __init__(self, lm: nn.Module) -> None:
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=ids, use_cache=False).logits
 
 
 def test_causal_lm_search_minimizes_perplexity(tmp_path: Path) -> None:

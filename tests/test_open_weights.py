@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from torch import nn
-from zoo import ZOO
+from zoo import DECODER_FAMILIES, ZOO, tiny_decoder
 
 from autoprune import model_files, weights_format
 from autoprune.methods import PruneContext, get_method
@@ -145,3 +145,37 @@ def test_old_format_trial_still_loads(tmp_path: Path) -> None:
     x = ZOO["resnet"].example(2)
     with torch.no_grad():
         assert torch.equal(reloaded(x), pruned(x))
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_layer_removed_decoder_reloads_with_its_own_config(family: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoder built by a factory, a layer removed: reloaded from its files (from the factory, nothing
+    unpickled) it has the pruned model's ``num_hidden_layers`` / ``layer_types`` and cache indices, not the
+    factory's, and greedy generation with the KV cache gives the same tokens."""
+    pytest.importorskip("transformers")
+    from autoprune.model_io import build_model
+
+    ids = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(3))
+    pruned = build_model(tiny_decoder, {"family": family}, "model.factory")  # remembers its factory
+    context = PruneContext(example_inputs=ids, protected=frozenset({"lm_head"}))
+    get_method("remove_block").prune(pruned, {"model.layers.1": 1.0}, context)  # the middle of 3
+    assert pruned.config.num_hidden_layers == 2
+    files = model_files.save_model(pruned, tmp_path)
+    arch = json.loads(files.skeleton_path.read_text())
+    assert arch["fallback"] is None and len(arch["configs"]) == 1  # one config, shared by the modules
+    assert arch["configs"][0]["attrs"]["num_hidden_layers"] == 2 and ["", "config"] in arch["configs"][0]["held_by"]
+    with monkeypatch.context() as patch:
+        _no_unpickling(patch)
+        reloaded = model_files.load_model(tmp_path, model_files.file_digests(tmp_path))
+    templated = model_files.load_model(tmp_path, factory=lambda: tiny_decoder(family))  # a template given
+    for model in (reloaded, templated):
+        assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
+        assert getattr(model.config, "layer_types", None) == getattr(pruned.config, "layer_types", None)
+        assert model.config is model.model.config is model.model.layers[1].self_attn.config  # still one object
+        assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+        expected = pruned.generate(ids, max_new_tokens=6, do_sample=False)
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), expected)
+    if getattr(pruned.config, "layer_types", None) is not None:
+        assert len(reloaded.config.layer_types) == 2
+    assert tiny_decoder(family).config.num_hidden_layers == 3  # the factory's own models are untouched

@@ -3,6 +3,7 @@ and a new study seeded from sensitivity.json."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -17,25 +18,32 @@ import pytest
 import torch
 from conftest import TINY_CONFIG, TINY_MODULE
 from mlflow import MlflowClient
-from zoo import ZOO
+from torch.utils.data import DataLoader, TensorDataset
+from zoo import ZOO, Logits, tiny_decoder
 
-from autoprune.config import load_config
+from autoprune.config import config_from_mapping, load_config
 from autoprune.errors import ConfigError
+from autoprune.live import Live
 from autoprune.methods import PruneContext
 from autoprune.search import run_search
 from autoprune.sensitivity import (
     SENSITIVITY_ATTR,
     SENSITIVITY_FILE,
     Point,
+    figure,
     measure_curves,
     parse_ratios,
+    quality_drop,
+    read_bounds,
     run_sensitivity,
     seed_params,
     seed_trials,
     tolerated,
     unit_bounds,
+    unit_highs,
 )
 from autoprune.space import QUANTIZE_PARAM, SearchSpace, Unit
+from autoprune.workspace import Workspace
 
 BIN = Path(sys.executable).parent
 
@@ -259,3 +267,53 @@ def test_removal_and_structured_curves_on_a_resnet() -> None:
     assert bounds["layer1.0"] == {"remove": True, "method": "remove_block"}
     assert all(b["sparsity"] == 0.5 for b in bounds.values() if "sparsity" in b)
     assert seed_params(space, bounds)[0][1]["layer1.0/remove"] is True
+
+
+def test_quality_drop_is_in_the_metrics_own_direction() -> None:
+    assert quality_drop(0.9, 0.85) == pytest.approx(0.05)  # accuracy points lost
+    assert quality_drop(2.0, 2.2, "perplexity") == pytest.approx(0.1)  # 10 % higher perplexity
+    assert quality_drop(2.0, 1.9, "perplexity") == pytest.approx(-0.05)  # better than dense
+    with pytest.raises(ValueError, match=r"metric: expected one of accuracy, perplexity, got 'bleu'"):
+        quality_drop(1.0, 1.0, "bleu")
+
+
+
+def test_causal_lm_curves_are_of_perplexity_and_bounds_of_its_relative_increase(tmp_path: Path,
+                                                                                 one_thread: None) -> None:
+    """``model.task: causal_lm``: perplexity per unit (lower is better), the drop its relative increase; a unit
+    pruned harder has a higher perplexity, and bounds, caps and the plot mean what they mean for accuracy."""
+    pytest.importorskip("transformers")
+    pairs = torch.randint(1, 16, (256, 2), generator=torch.Generator().manual_seed(1))
+    ids = pairs.repeat(1, 8)  # a b a b ...: after the first pair, the next token is the one two back
+    raw = {"study": {"name": "lm", "seed": 0}, "work_dir": str(tmp_path / "work"),
+           "model": {"task": "causal_lm", "pretrain": {"epochs": 15, "lr": 0.02}},
+           "space": {"methods": ["attention_heads", "mlp_neurons"]}, "execution": {"backend": "in_process"}}
+    config = config_from_mapping(raw, tmp_path)
+    workspace = Workspace(config, Live(Logits(tiny_decoder("llama", layers=1)), TensorDataset(ids[:240]),
+                                       DataLoader(TensorDataset(ids[240:]), batch_size=8)))
+    result = run_sensitivity(workspace, (0.25, 0.5, 0.9), max_drop=0.1, log_mlflow=False)
+    data = json.loads(result.path.read_text())
+    assert data["metric"] == result.metric == "perplexity"
+    dense = data["dense_accuracy"]
+    assert 1.0 < dense < 3.0  # learned: far below the 15 equally likely tokens of a pair's unseen start
+    curves = {curve["method"]: curve for curve in data["curves"]}
+    assert curves.keys() == {"attention_heads", "mlp_neurons"}
+    for curve in curves.values():
+        points = curve["points"]
+        assert [p["ratio"] for p in points] == [0.0, 0.25, 0.5, 0.9] and points[0]["accuracy"] == dense
+        for p in points:  # the drop is the relative perplexity increase: positive when perplexity rises
+            assert p["drop"] == pytest.approx(p["accuracy"] / dense - 1)
+        perplexities = [p["accuracy"] for p in points]  # pruned harder: a higher perplexity, every step
+        assert all(a < b for a, b in itertools.pairwise(perplexities)), perplexities
+        drops = [p["drop"] for p in points]
+        bound = curve["bound"]  # the largest ratio reached from 0 with every increase <= 10 %
+        assert bound < 0.9 and all(d <= 0.1 for d, p in zip(drops, points, strict=True) if p["ratio"] <= bound)
+        assert drops[data["ratios"].index(bound) + 1] > 0.1
+
+    space = workspace.inputs.space
+    bounds, max_drop = read_bounds(config, space)  # what space.sensitivity_bounds caps a new study with
+    assert max_drop == 0.1 and bounds == result.bounds
+    assert unit_highs(bounds, 0.05) == pytest.approx({c["unit"]: c["bound"] + 0.05 for c in curves.values()})
+    assert seed_params(space, bounds, max_drop) == result.seeds
+    panel = figure(result).axes[0]
+    assert panel.get_yscale() == "log" and panel.get_ylabel() == "validation perplexity"

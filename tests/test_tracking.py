@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from autoprune.plan import LayerPlan, Plan, TrialResult
-from autoprune.tracking import Tracker, flatten
+from autoprune.tracking import SEMI_STRUCTURED_FILE, SEMI_STRUCTURED_TAG, Tracker, flatten, semi_structured_summary
 
 
 def result(accuracy: float, size: int, latency: float) -> TrialResult:
@@ -54,6 +55,20 @@ def test_resume_reuses_parent_and_skips_logged_trials(tracker: Tracker, tmp_path
     assert run.info.status == "FAILED" and run.data.tags["fail_reason"] == "boom"
     runs = client.search_runs([again.experiment_id])
     assert len(runs) == 2  # one parent, one trial
+
+
+def test_semi_structured_layers_are_tagged_and_kept_whole(tracker: Tracker, tmp_path: Path) -> None:
+    parent = tracker.start_parent("s", {"a": 1}, {"accuracy": 0.9})
+    layers = {"blocks.0.fc1": "2:4", "blocks.0.fc2": "2:4", "blocks.1.fc1": "4:8"}
+    plan = Plan(tuple(LayerPlan(name, f"wanda_{pattern}", 0.5) for name, pattern in layers.items()))
+    tracker.log_trial(parent, "s", 0, plan, result(0.8, 100, 1.0), None, semi_structured=layers)
+    tracker.log_trial(parent, "s", 1, Plan(()), result(0.9, 200, 2.0), None)
+    assert tags(tracker, 0)[SEMI_STRUCTURED_TAG] == "2:4 on 2 layers, 4:8 on 1 layer"
+    assert SEMI_STRUCTURED_TAG not in tags(tracker, 1)  # no N:M layer: no tag, no file
+    saved = tracker.client.download_artifacts(tracker.trial_run(0), SEMI_STRUCTURED_FILE, str(tmp_path))
+    assert json.loads(Path(saved).read_text()) == layers
+    assert SEMI_STRUCTURED_FILE not in {f.path for f in tracker.client.list_artifacts(tracker.trial_run(1))}
+    assert semi_structured_summary({}) == ""
 
 
 def test_flatten() -> None:

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
+from mlflow import MlflowClient
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from zoo import Logits, tiny_decoder
 
+import autoprune
 from autoprune import model_files, quantize
 from autoprune.config import load_config
 from autoprune.model_files import load_model
 from autoprune.plan import LayerPlan, Plan
 from autoprune.search import run_search
+from autoprune.study import SEMI_STRUCTURED_ATTR
+from autoprune.tracking import SEMI_STRUCTURED_FILE, SEMI_STRUCTURED_TAG, TRIAL_TAG
 
 
 def test_unstructured_trial_reaches_sparsity_and_shrinks_file(tiny_setup) -> None:
@@ -31,6 +38,7 @@ def test_unstructured_trial_reaches_sparsity_and_shrinks_file(tiny_setup) -> Non
     assert 0 <= result.accuracy <= 1
     assert result.accuracy_drop == pytest.approx(baseline.accuracy - result.accuracy)
     assert dense.conv2.weight.count_nonzero() == conv2  # the dense model was not touched
+    assert output.semi_structured == {}  # no N:M method: no pattern
 
 
 def test_structured_trial_shrinks_model(tiny_setup) -> None:
@@ -86,3 +94,33 @@ def test_trial_model_files_reload(tiny_project: Path, monkeypatch: pytest.Monkey
     for name in ("conv1", "conv2"):  # every unit at >= 0.5 sparsity (space.sparsity.low), zeros held
         weight = model.get_submodule(name).weight
         assert int((weight == 0).sum()) >= round(0.5 * weight.numel()), name
+
+
+
+def test_semi_structured_pattern_reaches_the_study_and_mlflow(tmp_path: Path, one_thread: None) -> None:
+    """A 2:4 trial hands back ``{layer: "2:4"}`` for every layer it pruned; the search stores it with the
+    Optuna trial and logs it to the trial's MLflow run (real SQLite store): a short tag and the full mapping."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ids = torch.randint(1, 128, (24, 16), generator=torch.Generator().manual_seed(1))
+    config = {"study": {"name": "nm", "n_trials": 1, "sampler": "random", "baselines": []},
+              "work_dir": str(tmp_path / "work"), "model": {"task": "causal_lm"},
+              "space": {"methods": ["wanda_2:4"], "sparsity": {"low": 0.5, "high": 0.5}},
+              "finetune": {"epochs": 0}, "latency": {"rounds": 1, "min_run_time": 0.005},
+              "execution": {"backend": "in_process"}, "tracking": {"log_models": False}}
+    search = autoprune.Search(config, model=Logits(tiny_decoder("llama", layers=1)),
+                              train_data=TensorDataset(ids[:16]),
+                              val_data=DataLoader(TensorDataset(ids[16:]), batch_size=4))
+    assert search.run().completed == 1
+    (trial,) = search.study.trials
+    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    expected = {f"lm.model.layers.0.{name}": "2:4" for name in projections}
+    assert trial.user_attrs[SEMI_STRUCTURED_ATTR] == expected
+
+    client = MlflowClient(search.config.tracking_uri)
+    experiment = client.get_experiment_by_name(search.config.experiment_name)
+    (run,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '0'")
+    assert run.data.tags[SEMI_STRUCTURED_TAG] == "2:4 on 7 layers"
+    mapping = Path(client.download_artifacts(run.info.run_id, SEMI_STRUCTURED_FILE, str(tmp_path)))
+    assert json.loads(mapping.read_text()) == expected

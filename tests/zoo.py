@@ -297,3 +297,14 @@ def tiny_decoder(family: str = "llama", seed: int = 0, layers: int = 3) -> nn.Mo
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     return model_class(config).eval()
+
+
+class Logits(nn.Module):
+    """A Hugging Face causal LM behind ``ids -> logits``, the way a search takes one (what trials time and export)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids, use_cache=False).logits

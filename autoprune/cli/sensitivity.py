@@ -32,7 +32,8 @@ def sensitivity(
              "space.max_layer_sparsity (0, the dense reference, is always measured).")] = "0.25,0.5,0.75,0.9",
     max_drop: Annotated[float, typer.Option(
         "--max-drop", min=0.0, max=0.99,
-        help="Tolerated accuracy drop (fraction, 0.05 = 5 points) that sets each unit's bound.")] = 0.05,
+        help="Tolerated accuracy drop (fraction, 0.05 = 5 points) that sets each unit's bound; with "
+             "model.task causal_lm, the tolerated relative perplexity increase (0.05 = 5% higher).")] = 0.05,
     methods: Annotated[list[str] | None, typer.Option(
         "--method", "-m", help="Measure only this method of space.methods (repeatable); default: every one.")] = None,
 ) -> None:
@@ -41,7 +42,9 @@ def sensitivity(
     Runs in this process on the dense model (no Ray). Writes <work_dir>/sensitivity.json, logs a plot and
     the JSON on the study's MLflow parent run, and prints each unit's bound: the largest sparsity whose
     accuracy drop is at most --max-drop. The next NEW study in this work dir evaluates two trials built
-    from the bounds first (every unit at its bound, then at half of it).
+    from the bounds first (every unit at its bound, then at half of it). With model.task causal_lm it
+    measures validation perplexity, and the bound is the largest sparsity whose perplexity is at most
+    (1 + --max-drop) times the dense model's.
     """
     with _user_errors():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -65,8 +68,12 @@ def sensitivity(
 def _print_sensitivity(cfg, config_path: Path, result) -> None:
     from ..retry import safe_url
 
-    table = Table(title=f"Accuracy without fine-tuning, one unit pruned at a time (dense {result.dense_accuracy:.4f});"
-                        f" bound = largest sparsity with drop <= {result.max_drop:g}")
+    if result.metric == "perplexity":  # a drop is a relative perplexity increase (autoprune.sensitivity)
+        quality, drop = "Perplexity", f"perplexity increase <= {result.max_drop:.0%}"
+    else:
+        quality, drop = "Accuracy", f"drop <= {result.max_drop:g}"
+    table = Table(title=f"{quality} without fine-tuning, one unit pruned at a time (dense {result.dense_accuracy:.4f});"
+                        f" bound = largest sparsity with {drop}")
     table.add_column("unit")
     table.add_column("method")
     for ratio in result.ratios:

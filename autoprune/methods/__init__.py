@@ -6,7 +6,15 @@ this package (the schedule, the trial) use only the names exported here and the
 public functions of the family modules.
 """
 
-from . import attention, removal, sparsegpt, structured, unstructured, wanda  # noqa: F401  (registration side effect)
+from . import (  # noqa: F401  (registration side effect)
+    attention,
+    magnitude_nm,
+    removal,
+    sparsegpt,
+    structured,
+    unstructured,
+    wanda,
+)
 from ._common import RemovedBlock, live_targets, removed_blocks
 from .base import FAMILY_ORDER, PruneContext, PruningMethod, Removed, check_ratio, count_to_remove
 from .importance import Importance, Unit, get_importance, known_importances, register_importance

@@ -20,7 +20,9 @@ pruning, the pattern of each layer is recorded on the model (:func:`semi_structu
 dict) so that a GPU runtime can convert it (:func:`to_semi_structured`, CUDA only). On CPU nothing is
 claimed: the zeros are plain zeros in ``weight``, stored as a bitmask like any unstructured zeros
 (:mod:`autoprune.model_files`), held through fine-tuning by :func:`.unstructured.masks_of` /
-:func:`.unstructured.apply_masks`, with no speed-up.
+:func:`.unstructured.apply_masks`, with no speed-up. ``magnitude_2:4`` / ``magnitude_4:8``
+(:mod:`.magnitude_nm`) share the candidates, the pattern and its record but score by ``|W|`` alone: no
+calibration pass.
 """
 
 from __future__ import annotations
@@ -166,10 +168,11 @@ class CalibrationImportance(Importance):
 
 class OneShotMethod(PruningMethod):
     """An unstructured or N:M method on ``nn.Linear`` layers, scored from calibration inputs. Subclasses
-    set ``self.importance`` (a :class:`CalibrationImportance`) and implement :meth:`prune_layer`."""
+    set ``self.importance`` (a :class:`CalibrationImportance`; an importance that needs no calibration for a
+    data-free method, :mod:`.magnitude_nm`) and implement :meth:`prune_layer`."""
 
     family = "unstructured"
-    importance: CalibrationImportance
+    importance: Importance
 
     def __init__(self, name: str, pattern: tuple[int, int] | None = None) -> None:
         self.name = name
@@ -212,7 +215,8 @@ class OneShotMethod(PruningMethod):
                 for unit in units:
                     self.prune_layer(unit, layers[unit.name], chosen[unit.name], context)
         finally:
-            self.importance.release()
+            if isinstance(self.importance, CalibrationImportance):
+                self.importance.release()
         if self.pattern is not None:
             record = dict(getattr(model, SEMI_STRUCTURED_ATTR, {}))
             record.update(dict.fromkeys(chosen, f"{self.pattern[0]}:{self.pattern[1]}"))

@@ -23,10 +23,17 @@ module (those go to ``ignored_layers``), groups coupled to attention (an
 use ``attention_heads`` and ``mlp_neurons``), groups with one channel and, for
 ``bn_scale_structured``, groups without BatchNorm. Asking for such a unit
 raises :class:`~autoprune.errors.UnsupportedLayerError` naming it.
+
+Hugging Face decoder LMs (``transformers`` models that generate: Llama, Mistral, Qwen2...) are refused with
+:class:`~autoprune.errors.UnsupportedLayerError` before tracing: Torch-Pruning's trace of a raw one fails
+on its ``ModelOutput``, and of one wrapped to return logits runs for many minutes (rotary embeddings and
+the causal mask) without a usable group. Their structure is pruned by ``attention_heads`` (grouped-query
+heads), ``mlp_neurons`` (SwiGLU neurons) and ``remove_block`` (decoder layers).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,7 +43,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..errors import AutopruneError
+from ..errors import AutopruneError, UnsupportedLayerError
 from ._common import check_indices, check_runs, live_targets, preserved_modes, unknown_unit
 from .attention import attention_members
 from .base import PruneContext, PruningMethod, Removed, check_ratio
@@ -58,6 +65,20 @@ class ChannelGroup:
     has_batchnorm: bool = False
     reason: str | None = None
     group: Any = None  # the Torch-Pruning group
+
+
+def _refuse_decoder_lms(method: str, model: nn.Module) -> None:
+    """Raise :class:`UnsupportedLayerError` when ``model`` holds a Hugging Face decoder LM (module docstring)."""
+    transformers = sys.modules.get("transformers")  # never imported here: a model holding one has imported it
+    mixin = getattr(transformers, "GenerationMixin", None)
+    if mixin is None:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, mixin):
+            raise UnsupportedLayerError(
+                f"{method} cannot prune {type(module).__name__} (at {name or 'the model root'!r}): Torch-Pruning's "
+                "dependency graph does not trace a transformers decoder LM; prune its structure with "
+                "attention_heads, mlp_neurons and remove_block, or its weights with an unstructured method")
 
 
 def _forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -129,6 +150,7 @@ class StructuredMethod(PruningMethod):
         self.importance = get_importance(importance)
 
     def candidates(self, model: nn.Module, context: PruneContext) -> list[str]:
+        _refuse_decoder_lms(self.name, model)
         with preserved_modes(model):
             ignored = _protected_modules(model, context)
             dg = tp.DependencyGraph().build_dependency(model, context.example_inputs, forward_fn=_forward)
