@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -217,9 +218,13 @@ class Driver:
                 return None
             trial = self.study.ask()
             crash_point("ask.created")
-            for name, distribution in distributions.items():  # Optuna writes them one by one
-                _suggest(trial, name, distribution)
-                crash_point("ask.param")
+            with warnings.catch_warnings():
+                if BASELINE_ATTR in trial.user_attrs:  # a rule's allocation is enqueued as computed, even where it
+                    # leaves a unit's range (autoprune.baselines): Optuna's warning per such unit is no news
+                    warnings.filterwarnings("ignore", r"Fixed parameter .* is out of range", UserWarning)
+                for name, distribution in distributions.items():  # Optuna writes them one by one
+                    _suggest(trial, name, distribution)
+                    crash_point("ask.param")
             trial.set_user_attr(DRIVER_ATTR, self.id)  # last: a trial without it was cut short while asked for
             crash_point("ask.tagged")
             return trial

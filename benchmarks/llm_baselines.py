@@ -5,10 +5,12 @@ Run:  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled \\
 
 1. Runs ``search_spaces/causal_lm.yaml`` through the Python API (``autoprune.Search``, in-process backend,
    no model logging) in a temporary work dir (or ``--work-dir``): this pre-trains and caches the dense byte-level
-   Llama, then runs the search: first its enqueued baselines (uniform magnitude / Wanda / SparseGPT at 50%,
-   magnitude / Wanda / SparseGPT 2:4, global magnitude 50%, OWL 50% with Wanda), then the searched trials; every
-   trial fine-tuned as configured. Trials are selected on the validation text; everything below is reported
-   on the **test** text (held-out topics the search never selected on).
+   Llama, then runs the search (its own enqueued baselines first, then the searched trials), every trial
+   fine-tuned as configured. Then a second study on the same dense model (``model.checkpoint``) and the same
+   fine-tuning holds only the baselines, as enqueued trials of a ``per_unit`` space: uniform magnitude / Wanda /
+   SparseGPT at 50%, magnitude / Wanda / SparseGPT 2:4, global magnitude 50%, OWL 50% with Wanda; so each
+   baseline is also measured fine-tuned at the trials' budget. Trials are selected on the validation text;
+   everything below is reported on the **test** text (held-out topics the search never selected on).
 2. Without fine-tuning, prunes every candidate ``nn.Linear`` (all decoder projections; ``lm_head`` and the
    embeddings are never candidates) of the dense model with magnitude (``l1_unstructured``), ``wanda``,
    ``sparsegpt`` at a uniform 50%; ``magnitude_2:4``, ``wanda_2:4``, ``sparsegpt_2:4``; and OWL's
@@ -19,10 +21,11 @@ Run:  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled \\
    them). Measured: test perplexity (``evaluate_perplexity``), non-zero candidate weights, bytes on disk
    (``autoprune.model_files.model_size_bytes``).
 3. Hypervolumes (``optuna._hypervolume.compute_hypervolume``), both axes minimized, reference (2.0, 1.0):
-   (test perplexity / dense test perplexity, bytes on disk / dense bytes) and (test perplexity / dense, latency /
-   dense latency, as the trials timed it). A point counts only if its perplexity is under twice the dense one
-   and it is smaller (faster) than dense. The *searched* trials (not the enqueued baselines) are compared with
-   each baseline alone, fine-tuned (the study's enqueued trials) and one-shot.
+   (test perplexity / reference, bytes on disk / dense bytes) and (test perplexity / reference, latency / dense
+   latency, as the trials timed it); the reference is the better test perplexity of the dense model and of the
+   dense model fine-tuned with the trials' budget (the study's own reference). A point counts only if its
+   perplexity is under twice the reference and it is smaller (faster) than dense. The *searched* trials (not
+   the enqueued baselines) are compared with each baseline alone, fine-tuned (the study's enqueued trials) and one-shot.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +65,12 @@ REF = (2.0, 1.0)  # (perplexity / dense perplexity, bytes or latency / dense)
 
 
 ONE_SHOT = ("l1_unstructured", "wanda", "sparsegpt", "magnitude_2:4", "wanda_2:4", "sparsegpt_2:4")
+BASELINE_STUDY = [  # the baselines alone, fine-tuned: enqueued trials of a per-unit study (8 of them)
+    "study.name=causal-lm-baselines", "study.n_trials=8", "study.baselines=[0.5]",
+    "study.baseline_rules=[uniform, global_magnitude, owl]", f"study.baseline_methods=[{', '.join(ONE_SHOT)}]",
+    "space.parametrization=per_unit", f"space.methods=[{', '.join(ONE_SHOT)}]",
+    "space.sparsity={low: 0.0, high: 0.9, step: 0.1}", "model.pretrain=null",
+]
 
 
 def nonzero_linear(model: nn.Module, names: set[str]) -> int:
@@ -114,18 +124,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument("--n-trials", type=int, default=None, help="default: the YAML's study.n_trials")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the search, as 'autoprune run --set' takes (repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory(prefix="llm-baselines-") as tmp:
-        run(args.work_dir or Path(tmp), args.n_trials)
+        run(args.work_dir or Path(tmp), args.n_trials, args.set)
 
 
-def run(work_dir: Path, n_trials: int | None) -> None:
+def run(work_dir: Path, n_trials: int | None, overrides: list[str]) -> None:
     start = time.perf_counter()
     search = autoprune.Search(CONFIG, overrides=[f"work_dir={work_dir}", "execution.backend=in_process",
-                                                 "tracking.log_models=false"])
+                                                 "tracking.log_models=false", *overrides])
     summary = search.run(n_trials)
     search_s = time.perf_counter() - start
+    t0 = time.perf_counter()
+    baseline_search = autoprune.Search(CONFIG, overrides=[
+        f"work_dir={work_dir}", "execution.backend=in_process", "tracking.log_models=false", *overrides,
+        *BASELINE_STUDY, f"model.checkpoint={search.config.dense_path}"])
+    baseline_summary = baseline_search.run()
+    print(f"baselines study ({baseline_summary.completed} complete / {baseline_summary.failed} failed trials, "
+          f"fine-tuned like the search's): {time.perf_counter() - t0:.0f} s")
     dense_info = summary.dense
     print(f"search (pre-training + {summary.completed} complete / {summary.failed} failed trials): "
           f"{search_s:.0f} s; work dir {work_dir}")
@@ -153,6 +172,9 @@ def run(work_dir: Path, n_trials: int | None) -> None:
     print(f"calibration: {len(context.calibration_batches)} training batches ({tokens:,} tokens), as a trial gets")
 
     dense_ppl = evaluate_perplexity(dense, test)
+    reference = min(dense_ppl, dense_info.finetuned_test_accuracy or dense_ppl)
+    print(f"perplexities below are relative to {reference:.4f}: the better of the dense model and the dense model "
+          "fine-tuned with the trials' budget (the study's own reference for a drop)")
     dense_bytes = model_files.model_size_bytes(dense)
     rows: list[dict[str, object]] = [{"name": "dense", "ppl": dense_ppl, "nz": dense_nz, "bytes": dense_bytes,
                                       "s": 0.0, "kind": "dense"}]
@@ -178,32 +200,35 @@ def run(work_dir: Path, n_trials: int | None) -> None:
                    bytes=model_files.model_size_bytes(model))
 
     print("\n### One-shot (no fine-tuning), test text\n")
-    print("| model | test ppl | ppl / dense | non-zero candidate weights | fraction | bytes on disk | bytes / dense "
-          "| prune s | HV (ppl, bytes) |")
+    print("| model | test ppl | ppl / reference | non-zero candidate weights | fraction | bytes on disk "
+          "| bytes / dense | prune s | HV (ppl, bytes) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        rel, frac = float(row["ppl"]) / dense_ppl, int(row["nz"]) / dense_nz
+        rel, frac = float(row["ppl"]) / reference, int(row["nz"]) / dense_nz
         row["point"] = (rel, int(row["bytes"]) / dense_bytes)
         row["hv"] = hypervolume([row["point"]])
         print(f"| {row['name']} | {row['ppl']:.4f} | {rel:.3f} | {row['nz']:,} | {frac:.3f} | {row['bytes']:,} | "
               f"{row['point'][1]:.3f} | {row['s']:.1f} | {row['hv']:.4f} |")
 
     # ---- the search's trials, on the test text ----
-    trials = search.trials()
+    sources = [(search, r) for r in search.trials()] + [
+        (baseline_search, replace(r, baseline=f"{r.baseline} (baselines study)")) for r in baseline_search.trials()]
+    trials = [r for _, r in sources]
     records = [r for r in trials if r.state == "COMPLETE"]
+    owner = {id(r): source for source, r in sources}
     failed = [r for r in trials if r.state != "COMPLETE"]
     search_rows = []
     for record in records:
-        model = search.load_model(record.trial)
+        model = owner[id(record)].load_model(record.trial)
         search_rows.append({
             "trial": record.trial, "baseline": record.baseline, "val": record.accuracy, "ppl": record.test_accuracy,
             "nz": nonzero_linear(model, name_set), "bytes": record.size_bytes, "latency": record.latency_ms,
             "on_front": record.on_front,
-            "size_point": (record.test_accuracy / dense_ppl, record.size_bytes / dense_bytes),
-            "latency_point": (record.test_accuracy / dense_ppl, record.latency_ms / dense_info.latency_ms)})
+            "size_point": (record.test_accuracy / reference, record.size_bytes / dense_bytes),
+            "latency_point": (record.test_accuracy / reference, record.latency_ms / dense_info.latency_ms)})
     print(f"\n### Search trials (fine-tuned: finetune of {CONFIG.name}); {len(records)} complete, "
           f"{len(failed)} not\n")
-    print("| trial | enqueued baseline | validation ppl | test ppl | test ppl / dense | non-zero fraction | "
+    print("| trial | enqueued baseline | validation ppl | test ppl | test ppl / reference | non-zero fraction | "
           "bytes / dense | latency / dense | on 3-D front (validation) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in sorted(search_rows, key=lambda r: r["size_point"][1]):

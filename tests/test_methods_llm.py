@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 from torch import nn
-from zoo import DECODER_FAMILIES, ZOO, tiny_decoder
+from zoo import DECODER_FAMILIES, ZOO, Logits, tiny_decoder
 
 from autoprune.errors import AutopruneError, UnsupportedLayerError
 from autoprune.methods import PruneContext, get_method
@@ -55,6 +55,16 @@ def test_candidates_are_the_linear_layers_the_pattern_fits(name: str, kind: str)
     linears = [n for n, mod in dense.named_modules() if isinstance(mod, nn.Linear) and n not in context.protected]
     expected = [n for n in linears if not pattern or dense.get_submodule(n).in_features % pattern[1] == 0]
     assert get_method(name).candidates(dense, context) == expected and expected and "lm_head" not in expected
+
+
+def test_a_wrapped_language_models_lm_head_is_no_candidate() -> None:
+    """Inside the user's ``ids -> logits`` module (as a search takes a Hugging Face LM) the output embeddings are
+    found one level down and stay dense, even when nothing protects them."""
+    wrapped = Logits(tiny_decoder("llama", layers=1))
+    context = PruneContext(example_inputs=torch.zeros(1, 4, dtype=torch.long))
+    for name in ("wanda", "magnitude_2:4"):
+        candidates = get_method(name).candidates(wrapped, context)
+        assert "lm.lm_head" not in candidates and len(candidates) == 7, candidates  # q, k, v, o, gate, up, down
 
 
 @pytest.mark.parametrize("name", MAGNITUDE_NM)

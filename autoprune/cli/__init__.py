@@ -24,4 +24,9 @@ def main() -> None:
     if "mlflow" in sys.modules:  # imported already (main() called in a process that uses MLflow)
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    # transformers imports torchao, which warns on import for each CUDA-only kernel library a CPU machine cannot
+    # load ("Failed to load ..._C_mxfp8...") and makes torch warn about its enum registrations: noise to users
+    # of a causal-LM search (the int8 path autoprune uses needs neither). Their errors still show.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     app()

@@ -49,11 +49,14 @@ class FixedSparsityError(AutopruneError, ValueError):
 
 
 def _tied_to_embedding(model: nn.Module) -> set[int]:
+    """Weights of embeddings and of output embeddings: of the model's, or of any module inside it (a Hugging
+    Face LM wrapped by the user's ``ids -> logits`` module has its ``lm_head`` one level down)."""
     ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    output = getattr(model, "get_output_embeddings", None)
-    head = output() if callable(output) else None
-    if isinstance(head, nn.Module) and getattr(head, "weight", None) is not None:
-        ids.add(id(head.weight))
+    for module in model.modules():
+        output = getattr(module, "get_output_embeddings", None)
+        head = output() if callable(output) else None
+        if isinstance(head, nn.Module) and getattr(head, "weight", None) is not None:
+            ids.add(id(head.weight))
     return ids
 
 
