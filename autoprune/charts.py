@@ -70,8 +70,9 @@ def _hover(p: Point, dense: DenseBaseline) -> str:
     role = ("Pareto front" if p.on_front else f"dominated (rank {p.rank})" if p.feasible
             else "infeasible (over a space.constraints limit)")
     lines = [f"<b>trial {p.trial}</b> - {role}" + (f" - baseline: {p.baseline}" if p.baseline else ""),
-             f"accuracy {p.accuracy:.4f}" + (f" (drop {p.accuracy_drop:+.4f})" if p.accuracy_drop is not None else "")
-             + (f", test accuracy {p.test_accuracy:.4f}" if p.test_accuracy is not None else ""),
+             f"{dense.metric} {p.accuracy:.4f}" + (f" (drop {p.accuracy_drop:+.4f})" if p.accuracy_drop is not None
+                                                   else "")
+             + (f", test {dense.metric} {p.test_accuracy:.4f}" if p.test_accuracy is not None else ""),
              f"size {p.size_bytes:,} B ({_pct(p.size_bytes, dense.size_bytes)} of dense)",
              f"latency {p.latency_ms:.4f} ms ({_pct(p.latency_ms, dense.latency_ms)} of dense)"]
     if p.param_sparsity is not None:

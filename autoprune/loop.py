@@ -135,6 +135,6 @@ def loop(workspace: Workspace, study: optuna.Study, space: SearchSpace, executor
                 front_size = report.trial_finished(study, number, plan, {**trial.user_attrs, **attrs}, outcome.result,
                                                    None)
                 r = outcome.result
-                message = (f"trial {number}: accuracy {r.accuracy:.4f}, size {r.size_bytes:,} B, "
+                message = (f"trial {number}: {report.baseline.metric} {r.accuracy:.4f}, size {r.size_bytes:,} B, "
                            f"latency {r.latency_ms:.3f} ms")
             progress(message)

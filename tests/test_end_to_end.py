@@ -75,8 +75,10 @@ def test_run_front_resume_export(tiny_project: Path, tmp_path: Path) -> None:
     for row in front:
         assert {"accuracy", "accuracy_drop", "size_bytes", "latency_ms", "params", "macs"} <= set(row)
 
-    # resume adds trials to the same study and logs no duplicate runs.
-    cli("resume", str(tiny_project), "--set", "study.n_trials=6", cwd=tmp_path)
+    # resume adds trials to the same study and logs no duplicate runs; the backend may change on resume (here to
+    # in-process: the run above was on a local Ray, and a second Ray start would cost this test seconds only)
+    cli("resume", str(tiny_project), "--set", "study.n_trials=6", "--set", "execution.backend=in_process",
+        cwd=tmp_path)
     study = optuna.load_study(study_name="tiny", storage=config.storage_url)
     assert len(study.get_trials()) == 6
     children = child_runs(client, "tiny")
