@@ -34,8 +34,11 @@ said in the log). The allocations are exact fractions of whole weights or channe
 unit's search range are kept as computed (Optuna warns when they are enqueued). Torch only (and
 Torch-Pruning for the structured rule); no Optuna.
 
-The compact ``global`` parametrization (:func:`allocation_curves`) holds the uniform and the two global
-rules only: OWL is left out of it (see there), and its seed trials skip ``owl`` with a warning.
+The compact ``global`` parametrization holds these rules as curves over the whole-model sparsity
+(:func:`allocation_curves`): ``uniform`` with the first configured method, ``uniform_<method>`` with each other
+method of ``study.baseline_methods`` (not an N:M method: its one fixed sparsity cannot follow an allocation, so
+it is skipped with a warning), the two global rules, and ``owl`` when ``study.baseline_rules`` lists it. Its
+seed trials are the rules' points of that space, labelled as above.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ OWL_PREFERENCE = ("wanda", "sparsegpt", "l1_unstructured", "l2_unstructured")
 """The methods an OWL allocation is pruned with, the first configured one: Wanda (whose metric OWL's outlier
 ratios are computed from, as in the paper), then SparseGPT, then magnitude."""
 CURVE_RULES = ("uniform", "global_magnitude", "global_structured")
-"""The rules of the compact ``global`` parametrization (:func:`allocation_curves`); not ``owl``."""
+"""The rules every compact ``global`` space tries (:func:`allocation_curves`); ``uniform_<method>`` and ``owl``
+are added when the study's baselines ask for them."""
 
 
 def _fixed_sparsity(method: str) -> float | None:
@@ -175,36 +179,112 @@ def _structured_scores(model: nn.Module, units: Sequence[str], example_inputs: t
             return {name: importance(groups[name].group).detach().flatten() for name in units}
 
 
+def uniform_rule(method: str, first: str) -> str:
+    """The compact space's name of the uniform rule with ``method``: ``uniform`` for the first configured
+    method ``first`` (the one uniform rule of studies made before ``study.baseline_methods`` reached that
+    space, whose stored names must still decode), ``uniform_<method>`` for another."""
+    return "uniform" if method == first else f"uniform_{method}"
+
+
 def allocation_curves(space: SearchSpace, model: nn.Module, context: PruneContext, methods: Sequence[str],
-                      grid: Sequence[float]) -> list[dict[str, object]]:
+                      grid: Sequence[float], *, baseline_methods: Sequence[str] | None = None,
+                      owl: bool = False) -> list[dict[str, object]]:
     """Each rule's per-unit sparsities at every whole-model sparsity of ``grid``, for the compact search
     space (``space.parametrization: global``): ``[{"rule", "method", "grid", "units": {unit: [values]}}]``,
-    plain data so that a study stores them once and a resume decodes its trials with the same numbers.
-    A rule whose method is not configured, or that the model defeats (said in the log), is left out.
+    plain data so that a study stores them once and a resume decodes its trials with the same numbers
+    (a study stored before a rule existed keeps its own list).
 
-    OWL is never one of these rules (:data:`CURVE_RULES`): its allocation is not a curve over whole-model
-    sparsities that the space can interpolate: each point needs a pass of calibration batches through the
-    dense model (this grid has dozens), and at high sparsities lambda pushes blocks past ``[0, 1)``, where
-    OWL has no allocation at all. It stays a ``per_unit`` baseline (:func:`seed_trials`)."""
+    The rules, in order: ``uniform`` with ``methods[0]``; ``uniform_<method>`` with each other method of
+    ``baseline_methods`` (:func:`uniform_rule`) except an N:M one (its one fixed sparsity cannot follow an
+    allocation; :func:`seed_trials` says so); ``global_magnitude``; ``global_structured``; with ``owl``, the
+    ``owl`` rule. A rule whose method is not configured, or that the model defeats (said in the log), is left out.
+
+    OWL's allocation is a curve like the others although it reads the dense model's activations: its outlier
+    ratios do not depend on the target, so they are computed once (one pass of ``context.calibration_batches``)
+    and each block's sparsity is linear in the target, ``target - D_l + mean(D)``
+    (:func:`~autoprune.owl.owl_offsets`), which the grid's linear interpolation follows exactly between grid
+    points where no block is clipped. Where that
+    leaves ``[0, max_layer_sparsity]`` (targets within ``2 * lambda`` of either end) a block is clipped there
+    instead of the point being refused (as :func:`~autoprune.owl.owl_allocation` does), and the blocks' mean
+    is off the target: short of it where blocks are held at the cap, as the other rules are held there (above
+    it where blocks are held at 0)."""
     curves: list[dict[str, object]] = []
     for rule in CURVE_RULES:
-        method = methods[0] if rule == "uniform" else rule_method(rule, methods)
-        units = [u.name for u in space.units if not u.removal and method in u.methods] if method else []
+        if rule == "uniform":
+            curves += _uniform_curves(space, context, methods, baseline_methods, grid)
+            continue
+        method = rule_method(rule, methods)
+        units = _units_of(space, method)
         if not units:
             continue
-        if rule == "uniform":
-            values = {name: [min(float(s), context.max_layer_sparsity) for s in grid] for name in units}
-        else:
-            try:
-                scores = (_magnitude_scores(model, units) if rule == "global_magnitude" else
-                          _structured_scores(model, units, context.example_inputs, context.protected))
-            except Exception as exc:  # as in seed_trials: said, and the rule left out of the space
-                log.warning("rule %s left out of the search space: %s: %s", rule, type(exc).__name__, exc)
-                continue
-            counts = _allocate_many(scores, grid, context.max_layer_sparsity)
-            values = {name: [round(c[name] / scores[name].numel(), 6) for c in counts] for name in units}
-        curves.append({"rule": rule, "method": method, "grid": [float(s) for s in grid], "units": values})
+        try:
+            scores = (_magnitude_scores(model, units) if rule == "global_magnitude" else
+                      _structured_scores(model, units, context.example_inputs, context.protected))
+        except Exception as exc:  # as in seed_trials: said, and the rule left out of the space
+            log.warning("rule %s left out of the search space: %s: %s", rule, type(exc).__name__, exc)
+            continue
+        counts = _allocate_many(scores, grid, context.max_layer_sparsity)
+        curves.append(_curve(rule, method, grid, {name: [round(c[name] / scores[name].numel(), 6) for c in counts]
+                                                  for name in units}))
+    if owl:
+        curves += _owl_curve(space, model, context, methods, grid)
     return curves
+
+
+def _units_of(space: SearchSpace, method: str | None) -> list[str]:
+    """The units ``method`` can give a sparsity to (none for no method; a removable block has no sparsity)."""
+    return [u.name for u in space.units if not u.removal and method in u.methods] if method else []
+
+
+def _curve(rule: str, method: str, grid: Sequence[float], values: dict[str, list[float]]) -> dict[str, object]:
+    return {"rule": rule, "method": method, "grid": [float(s) for s in grid], "units": values}
+
+
+def _uniform_curves(space: SearchSpace, context: PruneContext, methods: Sequence[str],
+                    baseline_methods: Sequence[str] | None, grid: Sequence[float]) -> list[dict[str, object]]:
+    """``uniform`` with ``methods[0]`` (always: the space's uniform rule), then ``uniform_<method>`` with each
+    other of ``baseline_methods`` that reaches any sparsity; every unit at the grid point, held at the cap."""
+    others = [m for m in baseline_methods or () if m != methods[0] and _fixed_sparsity(m) is None]
+    curves = []
+    for method in (methods[0], *others):
+        units = _units_of(space, method)
+        if units:
+            values = {name: [min(float(s), context.max_layer_sparsity) for s in grid] for name in units}
+            curves.append(_curve(uniform_rule(method, methods[0]), method, grid, values))
+    return curves
+
+
+def _owl_curve(space: SearchSpace, model: nn.Module, context: PruneContext, methods: Sequence[str],
+               grid: Sequence[float]) -> list[dict[str, object]]:
+    """The ``owl`` rule's curve (see :func:`allocation_curves`), kept for the units the rule's method prunes,
+    or none where OWL cannot apply: as for :func:`_owl_trials`, said in the log and left out of the space."""
+    from .owl import layer_targets, outlier_ratios, owl_offsets
+
+    method = rule_method("owl", methods)
+    if method is None:
+        log.warning("rule owl left out of the search space: it prunes with one of %s and none is configured "
+                    "(space.methods: %s)", ", ".join(OWL_PREFERENCE), ", ".join(methods))
+        return []
+    if not context.calibration_batches:
+        log.warning("rule owl left out of the search space: its allocation needs calibration batches "
+                    "(space.calibration_batches) to find each block's activation outliers, and there are none")
+        return []
+    try:
+        offsets = owl_offsets(outlier_ratios(model, context.calibration_batches, protected=context.protected))
+    except Exception as exc:  # a model OWL cannot run: said, and the rule left out of the space
+        log.warning("rule owl left out of the search space: %s: %s", type(exc).__name__, exc)
+        return []
+    by_layer = layer_targets(model, offsets, context.protected)  # each layer: its block's offset
+    units = [name for name in _units_of(space, method) if name in by_layer]
+    if not units:
+        log.warning("rule owl left out of the search space: no unit that %s prunes is a layer of a decoder block",
+                    method)
+        return []
+    cap = context.max_layer_sparsity
+    log.info("rule owl: the blocks' mean is the whole-model sparsity from %.3g to %.3g; outside, blocks are held "
+             "at 0 or at max_layer_sparsity=%g", max(-o for o in offsets.values()), cap - max(offsets.values()), cap)
+    values = {name: [round(min(max(float(s) + by_layer[name], 0.0), cap), 6) for s in grid] for name in units}
+    return [_curve("owl", method, grid, values)]
 
 
 Trials = list[tuple[str, dict[str, object]]]
@@ -219,8 +299,9 @@ def seed_trials(space: SearchSpace, model: nn.Module, context: PruneContext, rul
     (of ``unstructured_sparsities`` instead, when given, for a rule that zeroes single weights: global
     magnitude, OWL, and uniform with an unstructured method). ``uniform`` runs once per method of
     ``baseline_methods`` (default: ``methods[0]``); an N:M method once, at its fixed sparsity. In the
-    ``global`` parametrization each is a point of the compact space: no ``owl``, and ``uniform`` only with
-    ``methods[0]`` (its one uniform curve), when ``baseline_methods`` holds it; what is left out is logged.
+    ``global`` parametrization each is a point of the compact space (:meth:`~autoprune.space.SearchSpace.rule_params`
+    of its rule, :func:`uniform_rule` for uniform), of the rules the space holds: not uniform with an N:M
+    method; what is left out is logged.
     Labels: ``uniform <method> 0.5``, ``global magnitude 0.5``, ``global structured 0.5``, ``owl 0.5``."""
     from .methods import get_method
 
@@ -234,12 +315,16 @@ def seed_trials(space: SearchSpace, model: nn.Module, context: PruneContext, rul
             rule == "uniform" and get_method(method or methods[0]).family == "unstructured")
         return unstructured_sparsities if unstructured and unstructured_sparsities is not None else sparsities
 
-    if space.parametrization == "global":  # a rule's point is one (rule, sparsity) of the compact space
-        _warn_not_in_compact_space(rules, uniform_methods, methods[0])
-        known = {a.rule for a in space.allocations} - ({"uniform"} if methods[0] not in uniform_methods else set())
-        return [(_label(rule, s, methods[0]), space.rule_params(rule, s)) for rule in rules if rule in known
-                for s in levels(rule)]
     trials: Trials = []
+    if space.parametrization == "global":  # a rule's point is one (rule, sparsity) of the compact space
+        known = {a.rule for a in space.allocations}
+        _warn_not_in_compact_space(rules, uniform_methods, methods[0], known)
+        for rule in rules:
+            for method in uniform_methods if rule == "uniform" else [methods[0]]:
+                name = uniform_rule(method, methods[0]) if rule == "uniform" else rule
+                if name in known:
+                    trials += [(_label(rule, s, method), space.rule_params(name, s)) for s in levels(rule, method)]
+        return trials
     for rule in rules:
         if rule == "uniform":
             for method in uniform_methods:
@@ -249,7 +334,7 @@ def seed_trials(space: SearchSpace, model: nn.Module, context: PruneContext, rul
             trials += _owl_trials(space, model, context, methods, levels(rule))
             continue
         method = rule_method(rule, methods)
-        units = [u.name for u in space.units if not u.removal and method in u.methods] if method else []
+        units = _units_of(space, method)
         if not units:
             continue
         try:
@@ -290,7 +375,7 @@ def _owl_trials(space: SearchSpace, model: nn.Module, context: PruneContext, met
         log.warning("baseline rule owl skipped: its allocation needs calibration batches (space.calibration_batches) "
                     "to find each block's activation outliers, and there are none")
         return []
-    units = [u.name for u in space.units if not u.removal and method in u.methods]
+    units = _units_of(space, method)
     cap = context.max_layer_sparsity
     trials: Trials = []
     for s in levels:
@@ -311,16 +396,25 @@ def _owl_trials(space: SearchSpace, model: nn.Module, context: PruneContext, met
     return trials
 
 
-def _warn_not_in_compact_space(rules: Sequence[str], uniform_methods: Sequence[str], first: str) -> None:
-    """Say which asked-for baselines the ``global`` parametrization cannot hold: OWL (no allocation curve,
-    see :func:`allocation_curves`) and uniform with another method than the first (its one uniform curve)."""
-    if "owl" in rules:
-        log.warning("baseline rule owl skipped: space.parametrization 'global' holds the uniform and global rules "
-                    "only (OWL's allocation is no curve of that space); use 'per_unit' for an OWL baseline")
-    others = [m for m in uniform_methods if m != first]
-    if "uniform" in rules and others:
-        log.warning("study.baseline_methods %s skipped: space.parametrization 'global' has one uniform rule, "
-                    "with the first configured method %s", others, first)
+def _warn_not_in_compact_space(rules: Sequence[str], uniform_methods: Sequence[str], first: str,
+                               known: set[str]) -> None:
+    """Say which asked-for baselines the compact space (its rules: ``known``) has no point for: uniform with
+    an N:M method (its one fixed sparsity cannot follow an allocation, so :func:`allocation_curves` makes it no
+    curve), and any other rule the space lacks (left out where it cannot apply, said when the space was made,
+    or a study made before the rule could be one of that space)."""
+    if "uniform" in rules:
+        fixed = [m for m in uniform_methods if m != first and _fixed_sparsity(m) is not None]
+        if fixed:
+            log.warning("study.baseline_methods %s skipped: space.parametrization 'global' moves each unit's "
+                        "sparsity along an allocation, and an N:M method has one fixed sparsity; use 'per_unit' "
+                        "for their uniform baselines", fixed)
+        missing = [m for m in uniform_methods if m not in fixed and uniform_rule(m, first) not in known]
+        if missing:
+            log.warning("study.baseline_methods %s skipped: the compact search space has no uniform rule with them "
+                        "(its rules: %s)", missing, ", ".join(sorted(known)))
+    if "owl" in rules and "owl" not in known:
+        log.warning("baseline rule owl skipped: the compact search space has no owl rule (its rules: %s)",
+                    ", ".join(sorted(known)))
 
 
 def _label(rule: str, sparsity: float, method: str) -> str:

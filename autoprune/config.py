@@ -51,11 +51,14 @@ class StudyConfig(_Strict):
     """Rules applied at each of ``baselines`` (see :mod:`autoprune.baselines`): ``uniform`` (with each of
     ``baseline_methods``), ``global_magnitude`` (needs an unstructured method), ``global_structured`` (needs a
     channel method), ``owl`` (outlier-weighted layer-wise sparsity for decoder LLMs: needs ``wanda``,
-    ``sparsegpt``, ``l1_unstructured`` or ``l2_unstructured`` and calibration batches; ``per_unit``
-    parametrization only); default: ``[uniform, global_magnitude, global_structured]``, each where it applies."""
+    ``sparsegpt``, ``l1_unstructured`` or ``l2_unstructured`` and calibration batches; with the ``global``
+    parametrization also a rule of the compact space); default: ``[uniform, global_magnitude,
+    global_structured]``, each where it applies."""
     baseline_methods: list[str] | None = Field(None, min_length=1)
     """The methods the ``uniform`` rule is applied with, one trial per method and sparsity (an N:M method:
-    one trial, at its fixed sparsity); each must be one of ``space.methods``; default: the first of them."""
+    one trial, at its fixed sparsity); each must be one of ``space.methods``; default: the first of them.
+    With ``space.parametrization: global`` each one but the first that takes any sparsity is also a rule of
+    the compact space (``uniform_<method>``); N:M methods are skipped there (said in the log)."""
     db_url: str | None = None
     """autoprune's own database (registry of searches); default: ``sqlite:///<work_dir>/autoprune.db``."""
 

@@ -64,6 +64,22 @@ def outlier_ratios(
     return ratios
 
 
+def owl_offsets(ratios: Mapping[str, float], lam: float = 0.08) -> dict[str, float]:
+    """Block name -> its OWL sparsity minus the target, ``mean(D) - D_l``, from the outlier ratios of
+    :func:`outlier_ratios` scaled to ``[0, 2 * lam]`` (see the module docstring); 0 for all when they are equal.
+
+    The offsets do not depend on the target: OWL's allocation is ``target + offset``, linear in the target,
+    so the ratios (a pass of the calibration batches through the dense model) serve every target."""
+    if lam < 0:
+        raise ValueError(f"OWL: lambda {lam} is negative")
+    if not ratios:
+        raise ValueError("OWL: no decoder block to allocate to (no prunable nn.Linear layer)")
+    low, high = min(ratios.values()), max(ratios.values())
+    scaled = {block: (v - low) / (high - low) * 2 * lam if high > low else 0.0 for block, v in ratios.items()}
+    mean = sum(scaled.values()) / len(scaled)
+    return {block: mean - d for block, d in scaled.items()}
+
+
 def owl_allocation(
     model: nn.Module,
     calibration_batches: Sequence[object],
@@ -79,14 +95,8 @@ def owl_allocation(
     """
     if not 0.0 <= target < 1.0:
         raise ValueError(f"OWL: target sparsity {target} is outside [0, 1)")
-    if lam < 0:
-        raise ValueError(f"OWL: lambda {lam} is negative")
-    ratios = outlier_ratios(model, calibration_batches, m, protected)
-    values = list(ratios.values())
-    low, high = min(values), max(values)
-    scaled = [(v - low) / (high - low) * 2 * lam if high > low else 0.0 for v in values]
-    mean = sum(scaled) / len(scaled)
-    allocation = {block: target - d + mean for block, d in zip(ratios, scaled, strict=True)}
+    offsets = owl_offsets(outlier_ratios(model, calibration_batches, m, protected), lam)
+    allocation = {block: target + offset for block, offset in offsets.items()}
     bad = {block: s for block, s in allocation.items() if not 0.0 <= s < 1.0}
     if bad:
         raise ValueError(f"OWL: lambda {lam} moves blocks outside [0, 1) at target {target}: {bad}; lower lambda")
@@ -96,7 +106,8 @@ def owl_allocation(
 def layer_targets(
     model: nn.Module, allocation: Mapping[str, float], protected: frozenset[str] = frozenset()
 ) -> dict[str, float]:
-    """Per-layer targets (``nn.Linear`` name -> sparsity) from a block allocation of :func:`owl_allocation`."""
+    """Per-layer targets (``nn.Linear`` name -> sparsity) from a block allocation of :func:`owl_allocation`
+    (each layer gets its block's value, so the per-block offsets of :func:`owl_offsets` spread the same way)."""
     layers = list(linear_layers(model, protected))
     return {layer: allocation[block] for block, members in decoder_blocks(model, layers).items()
             if block in allocation for layer in members}

@@ -69,7 +69,8 @@ def _enqueue_baselines(study: optuna.Study, config: SearchConfig, inputs: Inputs
     """The simple rules (``study.baseline_rules`` at ``study.baselines``) as the study's first trials.
 
     Only ``owl`` reads calibration batches: the context then holds ``space.calibration_batches`` training
-    batches, taken as a trial takes them (:func:`~autoprune.trial.make_context`); other rules need none."""
+    batches, taken as a trial takes them (:func:`~autoprune.trial.make_context`); other rules need none, and
+    in the ``global`` parametrization neither does OWL here (its curve was made by :func:`_allocations`)."""
     from .baselines import seed_trials
     from .trial import make_context
 
@@ -86,18 +87,22 @@ def _enqueue_baselines(study: optuna.Study, config: SearchConfig, inputs: Inputs
 
 def _allocations(config: SearchConfig, inputs: Inputs, dense: nn.Module) -> list[dict[str, object]]:
     """The rules' per-unit allocations on the dense model at whole-model sparsities every 0.025 over the
-    space's range (and at the baseline sparsities exactly), for the ``global`` parametrization."""
+    space's range (and at the baseline sparsities exactly), for the ``global`` parametrization: a uniform
+    rule per method of ``study.baseline_methods`` and, when ``study.baseline_rules`` lists it, OWL's, whose
+    outlier ratios read ``space.calibration_batches`` training batches (as :func:`_enqueue_baselines` does)."""
     from .baselines import allocation_curves
     from .trial import make_context
 
     low, high = config.space.sparsity.low, config.space.sparsity.high
     grid = sorted({round(low + i * 0.025, 6) for i in range(int((high - low) / 0.025) + 1)}
                   | {low, high, *config.baseline_sparsities, *config.unstructured_baseline_sparsities})
-    context = make_context((), inputs.settings, next(iter(inputs.val_loader))[0][:1])
-    curves = allocation_curves(inputs.space, dense, context, config.space.methods, grid)
+    owl = "owl" in config.study.baseline_rules
+    context = make_context(inputs.train_loader if owl else (), inputs.settings, next(iter(inputs.val_loader))[0][:1])
+    curves = allocation_curves(inputs.space, dense, context, config.space.methods, grid,
+                               baseline_methods=config.study.baseline_methods, owl=owl)
     if not curves:
         raise ConfigError("field 'space.parametrization': 'global' needs a rule that applies to the model "
-                          "(uniform, global_magnitude or global_structured); none did")
+                          "(uniform, global_magnitude, global_structured or owl); none did")
     return curves
 
 

@@ -8,12 +8,12 @@ Trial-wide choices, each a categorical only when the config leaves it to the sea
 iterative, when ``space.schedules`` lists both) and ``rewind`` (``space.rewind: search``).
 
 That is the ``per_unit`` parametrization. The compact ``global`` one (``space.parametrization``) has a
-whole-model sparsity and a rule (``global/sparsity``, ``global/rule``: uniform, global magnitude, global
-structured) that turn into per-unit sparsities through the rule's allocation on the dense model
-(:class:`Allocation`), plus a shift per unit around that allocation (``<unit>/shift``, in log-odds,
-within +-``space.allocation_spread``). Every sampled point is then a perturbed simple rule: a sampler
-starts from allocations that are already good, instead of from random per-unit sparsities, and the
-rules themselves are points of the space (all shifts 0).
+whole-model sparsity and a rule (``global/sparsity``, ``global/rule``: uniform with each baseline method,
+global magnitude, global structured, OWL; see :func:`autoprune.baselines.allocation_curves`) that turn into
+per-unit sparsities through the rule's allocation on the dense model (:class:`Allocation`), plus a shift per
+unit around that allocation (``<unit>/shift``, in log-odds, within +-``space.allocation_spread``). Every
+sampled point is then a perturbed simple rule: a sampler starts from allocations that are already good,
+instead of from random per-unit sparsities, and the rules themselves are points of the space (all shifts 0).
 
 Only Optuna's distribution classes are used here: no study, no sampler.
 """

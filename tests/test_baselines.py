@@ -3,6 +3,7 @@ per-unit allocations."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import optuna
@@ -226,18 +227,64 @@ def test_owl_rule_is_skipped_where_it_cannot_apply(caplog: pytest.LogCaptureFixt
         in caplog.text
 
 
-def test_owl_is_no_rule_of_the_compact_space(caplog: pytest.LogCaptureFixture) -> None:
+def test_the_compact_space_holds_baseline_methods_and_owl(caplog: pytest.LogCaptureFixture) -> None:
+    dense, context = _tiny_llama()
+    methods = ["sparsegpt", "l1_unstructured", "wanda"]
+    space = SearchSpace.from_model(dense, context, methods, low=0.0, high=0.9, parametrization="global")
+    curves = allocation_curves(space, dense, context, methods, [0.0, 0.25, 0.5, 0.75, 0.9],
+                               baseline_methods=["sparsegpt", "wanda"], owl=True)
+    space = space.with_allocations(curves)
+    assert [(a.rule, a.method) for a in space.allocations] == [
+        ("uniform", "sparsegpt"), ("uniform_wanda", "wanda"), ("global_magnitude", "l1_unstructured"), ("owl", "wanda")]
+    owl = next(a for a in space.allocations if a.rule == "owl")
+    assert len(owl.units) == 28  # every layer of the 4 blocks (lm_head protected)
+    # the ratios are computed once and the allocation is linear in the target: at a grid point and between two,
+    # the curve is OWL's own allocation, where no block is clipped
+    for target in (0.5, 0.6):
+        expected = layer_targets(dense, owl_allocation(dense, context.calibration_batches, target,
+                                                       protected=context.protected), context.protected)
+        assert owl.at(target) == pytest.approx(expected, abs=1e-6)
+    # near the ends blocks are clipped into [0, max_layer_sparsity]: the mean is off the target there
+    at_zero, at_top = owl.at(0.0), owl.at(0.9)
+    assert min(at_zero.values()) == 0.0 and sum(at_zero.values()) / 28 > 0.0
+    assert max(at_top.values()) == 0.95 and sum(at_top.values()) / 28 < 0.9
+    # the seed trials are the rules' points, labelled as in per_unit
+    trials = dict(seed_trials(space, dense, context, ["uniform", "global_magnitude", "owl"], [0.25], methods,
+                              unstructured_sparsities=[0.5], baseline_methods=["sparsegpt", "wanda"]))
+    assert list(trials) == ["uniform sparsegpt 0.5", "uniform wanda 0.5", "global magnitude 0.5", "owl 0.5"]
+    assert trials["uniform wanda 0.5"] == space.rule_params("uniform_wanda", 0.5)
+    assert trials["owl 0.5"] == space.rule_params("owl", 0.5)
+    owl_plan = {layer.layer: (layer.method, layer.sparsity) for layer in space.decode(trials["owl 0.5"]).layers}
+    assert owl_plan == {name: ("wanda", pytest.approx(value, abs=1e-6)) for name, value in owl.at(0.5).items()}
+    uniform_plan = space.decode(trials["uniform wanda 0.5"]).layers
+    assert len(uniform_plan) == 28 and {(layer.method, layer.sparsity) for layer in uniform_plan} == {("wanda", 0.5)}
+    # an N:M method cannot follow an allocation: no uniform rule with it, said in the log
+    with caplog.at_level(logging.WARNING, logger="autoprune"):
+        labels = [label for label, _ in seed_trials(space, dense, context, ["uniform"], [0.5], methods,
+                                                    baseline_methods=["wanda", "wanda_2:4"])]
+    assert labels == ["uniform wanda 0.5"]
+    assert "study.baseline_methods ['wanda_2:4'] skipped: space.parametrization 'global'" in caplog.text
+    nm_methods = ["wanda", "wanda_2:4"]
+    nm_space = SearchSpace.from_model(dense, context, nm_methods, parametrization="global")
+    assert [a["rule"] for a in allocation_curves(nm_space, dense, context, nm_methods, [0.5],
+                                                 baseline_methods=nm_methods)] == ["uniform", "global_magnitude"]
+
+
+def test_a_compact_space_stored_without_the_new_rules_still_decodes(caplog: pytest.LogCaptureFixture) -> None:
+    """A study made before baseline methods and OWL were rules of the compact space stored its uniform and global
+    rules only; it decodes and seeds from those, and says which asked-for baselines have no point there."""
     dense, context = _tiny_llama()
     methods = ["wanda", "l1_unstructured"]
     space = SearchSpace.from_model(dense, context, methods, low=0.0, high=0.9, parametrization="global")
-    space = space.with_allocations(allocation_curves(space, dense, context, methods, [0.0, 0.5, 0.9]))
-    assert [a.rule for a in space.allocations] == ["uniform", "global_magnitude"]
+    stored = json.loads(json.dumps(allocation_curves(space, dense, context, methods, [0.0, 0.5, 0.9])))
+    assert [a["rule"] for a in stored] == ["uniform", "global_magnitude"]  # what such a study holds
+    space = space.with_allocations(stored)
     with caplog.at_level(logging.WARNING, logger="autoprune"):
-        trials = seed_trials(space, dense, context, ["uniform", "owl"], [0.5], methods)
+        trials = seed_trials(space, dense, context, ["uniform", "owl"], [0.5], methods,
+                             baseline_methods=["wanda", "l1_unstructured"])
     assert [label for label, _ in trials] == ["uniform wanda 0.5"]
-    assert "baseline rule owl skipped: space.parametrization 'global'" in caplog.text
-    # its one uniform rule is the first method's: another baseline method has no point there
-    with caplog.at_level(logging.WARNING, logger="autoprune"):
-        assert seed_trials(space, dense, context, ["uniform"], [0.5], methods,
-                           baseline_methods=["l1_unstructured"]) == []
-    assert "study.baseline_methods ['l1_unstructured'] skipped" in caplog.text
+    assert "baseline rule owl skipped: the compact search space has no owl rule" in caplog.text
+    assert "study.baseline_methods ['l1_unstructured'] skipped: the compact search space has no uniform rule" \
+        in caplog.text
+    plan = space.decode(space.rule_params("global_magnitude", 0.5))
+    assert len(plan.layers) == 28 and {layer.method for layer in plan.layers} == {"l1_unstructured"}
