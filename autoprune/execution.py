@@ -172,6 +172,10 @@ class InProcessExecutor:
         self._queue.clear()
 
 
+WORKER_SETUP_HOOK = "autoprune.worker_setup.quiet_import_warnings"
+"""Ray's ``worker_process_setup_hook`` for the jobs a search starts (:mod:`autoprune.worker_setup`)."""
+
+
 def _ray_trial(payload: TrialPayload, plan: Plan, module_names: tuple[str, ...],
                rivals: Rivals = ()) -> tuple[TrialOutput, dict]:
     """The Ray task: run the trial and say where it ran (the trial itself stays torch-only)."""
@@ -216,7 +220,8 @@ class RayExecutor:
             "log_to_driver": True,
             "configure_logging": True,
             "logging_level": "WARNING",
-            "runtime_env": runtime_env or None,
+            # job level only (Ray takes no setup hook per task): each worker quiets import noise as it starts
+            "runtime_env": {**runtime_env, "worker_process_setup_hook": WORKER_SETUP_HOOK},
         }
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:

@@ -71,12 +71,16 @@ tracking: {{log_models: {log_models}}}
 
 @pytest.fixture(scope="module")
 def forkserver() -> multiprocessing.context.BaseContext:
-    """A forkserver that imported autoprune's CLI and its heavy dependencies once."""
+    """A forkserver that imported autoprune's CLI and its heavy dependencies once (also those a driver imports
+    lazily: torch's FLOP counter pulls in torch._dynamo, MLflow's and Optuna's SQL stores and alembic; together
+    about 5 s of every driver process otherwise)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["helpers_infra", "autoprune.cli", "autoprune.search", "autoprune.report",
                                     "autoprune.charts", "autoprune.model_files", "mlflow", "mlflow.pytorch",
                                     "sklearn.datasets", "plotly.graph_objects", "matplotlib.pyplot",
-                                    "torch_pruning", "torch.export"])
+                                    "torch_pruning", "torch.export", "torch._dynamo", "torch.utils.flop_counter",
+                                    "mlflow.store.tracking.sqlalchemy_store", "optuna.storages._rdb.storage",
+                                    "alembic.command"])
     return context
 
 

@@ -182,3 +182,19 @@ def test_ray_failure_kinds() -> None:
     oom = ray.exceptions.RayTaskError("_ray_trial", "Traceback ...", torch.OutOfMemoryError("CUDA out of memory"),
                                       proctitle="ray::t", pid=1, ip="127.0.0.1")
     assert _ray_outcome(oom.as_instanceof_cause()).kind == "out_of_memory"
+
+
+def test_ray_workers_of_a_search_quiet_import_noise() -> None:
+    """The local Ray a search starts runs :mod:`autoprune.worker_setup` in each worker as it starts, so
+    torchao's import warnings (transformers imports it while a trial's model is unpickled) are not forwarded."""
+    import logging
+
+    import ray
+
+    executor = RayExecutor(object(), parallel=1)  # any payload: only the workers' start-up is looked at here
+    try:
+        levels = ray.get(ray.remote(lambda: [logging.getLogger(n).level for n in ("torchao", "torch.utils._pytree")])
+                         .remote(), timeout=120)
+    finally:
+        executor.shutdown()
+    assert levels == [logging.ERROR, logging.ERROR]

@@ -25,8 +25,9 @@ def main() -> None:
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
     # transformers imports torchao, which warns on import for each CUDA-only kernel library a CPU machine cannot
-    # load ("Failed to load ..._C_mxfp8...") and makes torch warn about its enum registrations: noise to users
-    # of a causal-LM search (the int8 path autoprune uses needs neither). Their errors still show.
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # load and makes torch warn about its enum registrations: noise to users of a causal-LM search (the int8
+    # path autoprune uses needs neither). Their errors still show. (Ray workers do the same at start.)
+    from ..worker_setup import quiet_import_warnings
+
+    quiet_import_warnings()
     app()
