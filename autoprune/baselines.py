@@ -364,7 +364,7 @@ def _owl_trials(space: SearchSpace, model: nn.Module, context: PruneContext, met
     batches, spread to the layers and kept for the units the rule's method prunes. Where OWL cannot apply
     (no method of :data:`OWL_PREFERENCE`, no calibration batches, a level lambda cannot place in ``[0, 1)``)
     it is said in the log and skipped, like a global rule the model defeats: the search goes on."""
-    from .owl import layer_targets, owl_allocation
+    from .owl import allocation_at, layer_targets, outlier_ratios, owl_offsets
 
     method = rule_method("owl", methods)
     if method is None:
@@ -375,13 +375,18 @@ def _owl_trials(space: SearchSpace, model: nn.Module, context: PruneContext, met
         log.warning("baseline rule owl skipped: its allocation needs calibration batches (space.calibration_batches) "
                     "to find each block's activation outliers, and there are none")
         return []
+    try:  # the outlier ratios do not depend on the level: one calibration pass serves them all
+        offsets = owl_offsets(outlier_ratios(model, context.calibration_batches, protected=context.protected))
+    except Exception as exc:  # a model OWL cannot run: said, and the rule skipped
+        log.warning("baseline rule owl skipped: %s: %s", type(exc).__name__, exc)
+        return []
     units = _units_of(space, method)
     cap = context.max_layer_sparsity
     trials: Trials = []
     for s in levels:
         try:
-            blocks = owl_allocation(model, context.calibration_batches, s, protected=context.protected)
-        except Exception as exc:  # ValueError: lambda pushes a block outside [0, 1); or a model OWL cannot run
+            blocks = allocation_at(offsets, s)
+        except ValueError as exc:  # lambda pushes a block outside [0, 1) at this level
             log.warning("baseline rule owl at %g skipped: %s: %s", s, type(exc).__name__, exc)
             continue
         targets = layer_targets(model, blocks, context.protected)

@@ -191,6 +191,16 @@ def evaluate_perplexity(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]
     return math.exp(nll / tokens)
 
 
+def evaluate_task(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], task: str = "classification",
+                  metric: Callable[[Tensor, Tensor], Tensor] | None = None, precision: str = "fp32") -> float:
+    """The ``model.task``'s objective on ``loader``: :func:`evaluate_perplexity` for ``causal_lm``, else
+    :func:`evaluate_accuracy` (with the user's ``metric``, if any). The one place trials, sensitivity analysis
+    and :meth:`autoprune.Search.evaluate` choose it."""
+    if task == "causal_lm":
+        return evaluate_perplexity(model, loader, precision)
+    return evaluate_accuracy(model, loader, metric, precision)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """Return ``(total, non_zero)`` counts over the model's parameters (buffers excluded).
 

@@ -255,17 +255,7 @@ def _decode(name: str, entry: dict[str, object]) -> Tensor:
         raise ValueError(f"weights entry {name!r}: mask must be a uint8 tensor and values a tensor")
     if str(values.dtype) != dtype_name:
         raise ValueError(f"weights entry {name!r}: values dtype {values.dtype} != {dtype_name}")
-    n = 1
-    for s in shape:
-        n *= s
-    if mask.numel() != (n + 7) // 8:
-        raise ValueError(f"weights entry {name!r}: mask has {mask.numel()} bytes for {n} elements")
-    bits = weights_format.unpack_bits(mask, n)
-    if int(bits.sum().item()) != values.numel():
-        raise ValueError(f"weights entry {name!r}: {values.numel()} values for {int(bits.sum())} bits")
-    flat = torch.zeros(n, dtype=values.dtype)
-    flat[bits] = values.reshape(-1)
-    return flat.reshape(shape)
+    return weights_format.scatter_bitmask(name, mask, values, shape)  # FormatError is a ValueError
 
 
 def _alias_key(t: Tensor) -> tuple[object, ...] | None:

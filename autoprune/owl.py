@@ -93,14 +93,24 @@ def owl_allocation(
 
     Raises ValueError when ``target`` is outside ``[0, 1)`` or a block would leave ``[0, 1)`` (lower ``lam``).
     """
-    if not 0.0 <= target < 1.0:
-        raise ValueError(f"OWL: target sparsity {target} is outside [0, 1)")
-    offsets = owl_offsets(outlier_ratios(model, calibration_batches, m, protected), lam)
+    _check_target(target)
+    return allocation_at(owl_offsets(outlier_ratios(model, calibration_batches, m, protected), lam), target, lam)
+
+
+def allocation_at(offsets: Mapping[str, float], target: float, lam: float = 0.08) -> dict[str, float]:
+    """Block name -> sparsity: the allocation of :func:`owl_offsets` (made with ``lam``) at mean sparsity
+    ``target``, so that one calibration pass serves many targets. Raises ValueError as :func:`owl_allocation`."""
+    _check_target(target)
     allocation = {block: target + offset for block, offset in offsets.items()}
     bad = {block: s for block, s in allocation.items() if not 0.0 <= s < 1.0}
     if bad:
         raise ValueError(f"OWL: lambda {lam} moves blocks outside [0, 1) at target {target}: {bad}; lower lambda")
     return allocation
+
+
+def _check_target(target: float) -> None:
+    if not 0.0 <= target < 1.0:
+        raise ValueError(f"OWL: target sparsity {target} is outside [0, 1)")
 
 
 def layer_targets(

@@ -176,7 +176,7 @@ def measure_curves(dense: nn.Module, space: SearchSpace, context: PruneContext, 
             jobs.append((unit.name, method, family, points))
     total = 1 + sum(len(points) for *_, points in jobs)
     dense_params = measure.count_parameters(dense)[0]
-    dense_accuracy = _evaluate(dense, val_loader, metric, precision, task)
+    dense_accuracy = measure.evaluate_task(dense, val_loader, task, metric, precision)
     done = 1
     if on_progress:
         on_progress(SensitivityProgress(done, total, f"dense {name} {dense_accuracy:.4f}"))
@@ -203,7 +203,7 @@ def _point(dense: nn.Module, unit: str, method: str, ratio: float, context: Prun
     torch.manual_seed(seed)
     try:
         model = prune_model(dense, Plan((LayerPlan(unit, method, ratio),)), context)
-        accuracy = _evaluate(model, val_loader, metric, precision, task)
+        accuracy = measure.evaluate_task(model, val_loader, task, metric, precision)
         _, nonzero = measure.count_parameters(model)
     except AutopruneError as exc:
         return Point(ratio, None, None, None, str(exc).splitlines()[0][:300])
@@ -218,14 +218,6 @@ def _metric_name(task: str) -> str:
     if task not in METRICS:
         raise ValueError(f"field 'model.task': expected one of {', '.join(METRICS)}, got {task!r}")
     return METRICS[task]
-
-
-def _evaluate(model: nn.Module, val_loader: Any, metric: Callable[[Any, Any], Any] | None, precision: str,
-              task: str) -> float:
-    """The task's validation metric: accuracy (or ``metric``), or perplexity for ``causal_lm``."""
-    if task == "causal_lm":
-        return measure.evaluate_perplexity(model, val_loader, precision)
-    return measure.evaluate_accuracy(model, val_loader, metric, precision)
 
 
 def quality_drop(dense: float, value: float, metric: str = "accuracy") -> float:

@@ -405,9 +405,7 @@ def run_trial(
 def _evaluator(settings: TrialSettings) -> Callable[[nn.Module, Batches], float]:
     """``evaluate(model, loader)``: the task's metric in the settings' evaluation precision."""
     def evaluate(model: nn.Module, loader: Batches) -> float:
-        if settings.task == "causal_lm":
-            return measure.evaluate_perplexity(model, loader, settings.eval_precision)
-        return measure.evaluate_accuracy(model, loader, settings.metric_fn, settings.eval_precision)
+        return measure.evaluate_task(model, loader, settings.task, settings.metric_fn, settings.eval_precision)
     return evaluate
 
 

@@ -65,7 +65,7 @@ import logging
 import math
 import pickle
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -156,6 +156,13 @@ def _decode(name: str, entry: Mapping[str, Any], stored: Mapping[str, Tensor]) -
         raise FormatError(f"weights entry {name!r}: malformed ({type(exc).__name__}: {exc})") from None
     if mask.dtype != torch.uint8 or str(values.dtype).removeprefix("torch.") != sparse["dtype"]:
         raise FormatError(f"weights entry {name!r}: mask must be uint8 and values {sparse['dtype']}")
+    return scatter_bitmask(name, mask, values, shape)
+
+
+def scatter_bitmask(name: str, mask: Tensor, values: Tensor, shape: Sequence[int]) -> Tensor:
+    """The dense tensor of ``shape`` holding ``values`` where the packed bits of ``mask`` are set (zeros
+    elsewhere); :class:`FormatError` naming entry ``name`` when the sizes do not agree. Shared by this format
+    and the legacy pickled one (:mod:`autoprune.model_files`)."""
     n = math.prod(shape)
     if mask.numel() != (n + 7) // 8:
         raise FormatError(f"weights entry {name!r}: mask has {mask.numel()} bytes for {n} elements")
@@ -164,7 +171,7 @@ def _decode(name: str, entry: Mapping[str, Any], stored: Mapping[str, Tensor]) -
         raise FormatError(f"weights entry {name!r}: {values.numel()} values for {int(bits.sum())} set bits")
     flat = torch.zeros(n, dtype=values.dtype)
     flat[bits] = values.reshape(-1)
-    return flat.reshape(shape)
+    return flat.reshape(list(shape))
 
 
 def _alias_key(t: Tensor) -> tuple[object, ...] | None:

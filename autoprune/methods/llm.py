@@ -226,9 +226,20 @@ class OneShotMethod(PruningMethod):
             setattr(model, SEMI_STRUCTURED_ATTR, record)
         return {}
 
-    @abc.abstractmethod
     def prune_layer(self, unit: Unit, layer: nn.Linear, ratio: float, context: PruneContext) -> None:
-        """Zero ``round(ratio * numel)`` weights of ``layer`` (or its N:M pattern) in place, under no_grad."""
+        """Zero ``round(ratio * numel)`` weights of ``layer`` (or its N:M pattern) in place, under no_grad.
+
+        By default the lowest scores of ``self.importance`` go: per output row (:func:`row_lowest`), or the
+        ``M - N`` lowest of every M consecutive weights (:func:`nm_lowest`); weights already zero score lowest.
+        A method that also updates the weights it keeps (SparseGPT) overrides this."""
+        weight = layer.weight
+        score = self.importance.scores(unit, context)
+        score[weight.detach() == 0] = -float("inf")
+        if self.pattern is None:
+            drop = row_lowest(score, round(ratio * weight.numel()))
+        else:
+            drop = nm_lowest(score, *self.pattern)
+        weight.mul_((~drop).to(weight.dtype))
 
     def replay(self, model: nn.Module, removed: Mapping[str, Sequence[int]], context: PruneContext) -> None:
         """Nothing to repeat: zeros change no shape (callers re-apply :func:`.unstructured.masks_of` masks)."""

@@ -15,11 +15,10 @@ they count toward the pattern. There is no unstructured ``magnitude``: that is `
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .base import PruneContext
 from .importance import Importance, Unit
-from .llm import PATTERNS, OneShotMethod, nm_lowest
+from .llm import PATTERNS, OneShotMethod
 from .registry import register_method
 
 
@@ -33,18 +32,12 @@ class MagnitudeImportance(Importance):
 
 
 class MagnitudeNM(OneShotMethod):
-    """Magnitude N:M: in every M consecutive weights of a row, the ``M - N`` smallest ``|W|`` are zeroed."""
+    """Magnitude N:M: in every M consecutive weights of a row, the ``M - N`` smallest ``|W|`` are zeroed
+    (:meth:`OneShotMethod.prune_layer` with :class:`MagnitudeImportance`)."""
 
     def __init__(self, name: str, pattern: tuple[int, int]) -> None:
         super().__init__(name, pattern)
         self.importance = MagnitudeImportance()
-
-    def prune_layer(self, unit: Unit, layer: nn.Linear, ratio: float, context: PruneContext) -> None:
-        weight = layer.weight
-        score = self.importance.scores(unit, context)
-        score[weight.detach() == 0] = -float("inf")
-        drop = nm_lowest(score, *self.pattern)  # type: ignore[misc]  (always set: N:M only)
-        weight.mul_((~drop).to(weight.dtype))
 
 
 for _n, _m in PATTERNS:

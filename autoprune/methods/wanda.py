@@ -17,11 +17,10 @@ already-pruned blocks.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .base import PruneContext
 from .importance import Unit
-from .llm import PATTERNS, CalibrationImportance, OneShotMethod, nm_lowest, row_lowest
+from .llm import PATTERNS, CalibrationImportance, OneShotMethod
 from .registry import register_method
 
 
@@ -44,21 +43,12 @@ class WandaImportance(CalibrationImportance):
 
 
 class Wanda(OneShotMethod):
-    """Wanda, unstructured (``pattern=None``) or N:M."""
+    """Wanda, unstructured (``pattern=None``) or N:M: :meth:`OneShotMethod.prune_layer` zeroes the lowest
+    ``|W|·||X||`` of each output row (or of each N:M group)."""
 
     def __init__(self, name: str, pattern: tuple[int, int] | None = None) -> None:
         super().__init__(name, pattern)
         self.importance = WandaImportance()
-
-    def prune_layer(self, unit: Unit, layer: nn.Linear, ratio: float, context: PruneContext) -> None:
-        weight = layer.weight
-        score = self.importance.scores(unit, context)
-        score[weight.detach() == 0] = -float("inf")
-        if self.pattern is None:
-            drop = row_lowest(score, round(ratio * weight.numel()))
-        else:
-            drop = nm_lowest(score, *self.pattern)
-        weight.mul_((~drop).to(weight.dtype))
 
 
 register_method("wanda", lambda: Wanda("wanda"))
