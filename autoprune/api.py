@@ -165,14 +165,16 @@ class Search:
     def evaluate(self, trial: int, data: Any = None) -> float:
         """Trial ``trial``'s model scored with the search's metric on ``data`` (default: ``test_data``),
         data the front was not selected on."""
-        from .inputs import as_loader
-        from .measure import evaluate_accuracy
+        from .inputs import _task_batches, as_loader
+        from .measure import evaluate_task
 
         data = self.test_data if data is None else data
         if data is None:
             raise ValueError("evaluate(): no data: pass data=..., or test_data=... to Search")
+        settings = self._workspace.inputs.settings
         loader = as_loader(data, self.config.data.batch_size, shuffle=False)
-        return evaluate_accuracy(self.load_model(trial), loader, self._workspace.inputs.settings.metric_fn)
+        loader = _task_batches(loader, settings.task == "causal_lm")  # ids alone are their own labels
+        return evaluate_task(self.load_model(trial), loader, settings.task, settings.metric_fn)
 
     # ---- derived work ----
     def export(self, trial: int, path: str | Path, format: str | None = None) -> ExportReport:

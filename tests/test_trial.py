@@ -117,6 +117,8 @@ def test_semi_structured_pattern_reaches_the_study_and_mlflow(tmp_path: Path, on
                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     expected = {f"lm.model.layers.0.{name}": "2:4" for name in projections}
     assert trial.user_attrs[SEMI_STRUCTURED_ATTR] == expected
+    # Search.evaluate scores with the task's metric: the validation perplexity again, from ids alone
+    assert search.evaluate(0, TensorDataset(ids[16:])) == pytest.approx(trial.values[0], rel=1e-5)
 
     client = MlflowClient(search.config.tracking_uri)
     experiment = client.get_experiment_by_name(search.config.experiment_name)
